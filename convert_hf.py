@@ -1,0 +1,141 @@
+"""Load Hugging Face MDLM checkpoints (and ours: same layout) into model.DiT, strictly.
+
+A checkpoint folder holds `config.json` (the `MDLMConfig` fields) and `model.safetensors` with
+`backbone.<name>` tensors, where <name> is a key of `DiT.state_dict()`. Nothing is dropped
+silently: every expected tensor must be there once with the right shape, any other tensor is an
+error, and the stored rotary `inv_freq` must equal the one the config implies.
+
+    python convert_hf.py --repo kuleshov-group/mdlm-owt-noeos --out ckpt/base
+"""
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import DiT, DiTConfig
+
+DEFAULT_REPO = "kuleshov-group/mdlm-owt-noeos"  # the bd3lms README spells it mdlm-noeos-owt
+PREFIX = "backbone."
+# buffers some HF classes (BD3LM with var_min) add beside the backbone; accepted and not used
+OPTIONAL_KEYS = {"sampling_eps_min", "sampling_eps_max"}
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names the file and keys."""
+
+
+def read_config(folder: Path) -> tuple[DiTConfig, dict]:
+    """config.json -> (DiTConfig, the whole JSON dict). Raises CheckpointError on a missing or mistyped field."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (a checkpoint folder needs {CONFIG} and {WEIGHTS})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    fields = {}
+    for f in dataclasses.fields(DiTConfig):
+        if f.name not in raw:
+            raise CheckpointError(f"{path}: missing field '{f.name}'")
+        value, kind = raw[f.name], f.type
+        ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                            and (kind is float or isinstance(value, int)))
+        if not ok:
+            raise CheckpointError(f"{path}: field '{f.name}' should be {kind.__name__}, got {value!r}")
+        fields[f.name] = kind(value)
+    return DiTConfig(**fields), raw
+
+
+def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
+    """Map `backbone.*` tensors onto model's state-dict names; raise CheckpointError naming every mismatch."""
+    expected = model.state_dict()
+    mapped, unexpected = {}, []
+    for key, value in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        if name in expected:
+            mapped[name] = value
+        elif key not in OPTIONAL_KEYS:
+            unexpected.append(key)
+    missing = [PREFIX + k for k in expected if k not in mapped]
+    wrong = [f"{PREFIX}{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+             for k, v in mapped.items() if v.shape != expected[k].shape]
+    problems = [f"{what}: {', '.join(keys)}" for what, keys in
+                [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)] if keys]
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    inv_freq = "rotary_emb.inv_freq"
+    if not torch.allclose(mapped[inv_freq].float(), expected[inv_freq], rtol=1e-6, atol=0):
+        raise CheckpointError(f"{source}: {PREFIX}{inv_freq} differs from 1/10000^(2i/head_dim) "
+                              "(a different rotary base or head size)")
+    return {k: v.float() for k, v in mapped.items()}
+
+
+def resolve(path_or_repo_id: str) -> Path:
+    """A local folder as is; anything else is a hub repo id, downloaded with huggingface_hub."""
+    if os.path.isdir(path_or_repo_id):
+        return Path(path_or_repo_id)
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(path_or_repo_id, allow_patterns=[CONFIG, WEIGHTS]))
+
+
+def load_hf(path_or_repo_id: str = DEFAULT_REPO) -> DiT:
+    """A DiT in eval mode, float32, from a checkpoint folder or a Hugging Face repo id.
+
+    Raises CheckpointError (a ValueError) when config.json or model.safetensors is missing,
+    unreadable or does not match the model; the message names the file and the keys.
+    """
+    folder = resolve(path_or_repo_id)
+    cfg, _ = read_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    model = DiT(cfg)
+    model.load_state_dict(check_state_dict(tensors, model, str(weights)), strict=True)
+    return model.eval()
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over path, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state_dict: dict, cfg: DiTConfig, folder: str | Path, extra: dict | None = None) -> None:
+    """Write `state_dict` (DiT names) as an HF-layout checkpoint folder that load_hf reads.
+
+    config.json holds the DiTConfig fields plus `extra` (e.g. class label, training step).
+    Each file is written to a temporary name and renamed; the weights go first, so a config.json
+    never describes weights that are not there yet.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config = {**dataclasses.asdict(cfg), "model_type": "mdlm", **(extra or {})}
+    atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=DEFAULT_REPO, help="hub repo id or local snapshot folder")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    args = p.parse_args()
+    model = load_hf(args.repo)
+    save_checkpoint(model.state_dict(), model.config, args.out, {"source": args.repo})
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.repo} -> {args.out} ({n / 1e6:.1f}M parameters, {len(model.state_dict())} tensors)")
+
+
+if __name__ == "__main__":
+    main()

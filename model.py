@@ -1,0 +1,217 @@
+"""The MDLM diffusion transformer (DiT) backbone.
+
+Same maths and tensor names as `models/dit.py` of kuleshov-group/mdlm (Sahoo et al. 2024, §5 /
+App. B; the DiT of Peebles & Xie 2023 with adaLN conditioning and rotary embeddings, Su et al.
+2021), so the Hugging Face checkpoint `kuleshov-group/mdlm-owt-noeos` loads by stripping the
+`backbone.` prefix. Read top to bottom: config, time embedding, rotary, attention, block, final
+layer, model.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: the variable-length flash-attention kernel (needs CUDA to build)
+    from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func
+except ImportError:
+    flash_attn_varlen_qkvpacked_func = None
+
+
+@dataclass
+class DiTConfig:
+    """Model hyper-parameters under the Hugging Face `MDLMConfig` field names."""
+    vocab_size: int = 50258         # GPT-2's 50257 tokens + the mask token (mask_index = vocab_size - 1)
+    model_length: int = 1024        # context length in tokens
+    hidden_dim: int = 768
+    cond_dim: int = 128             # width of the adaLN conditioning vector c
+    n_blocks: int = 12
+    n_heads: int = 12
+    dropout: float = 0.1
+    time_conditioning: bool = False  # False: the model is always given sigma = 0 (see diffusion.py)
+
+
+PRESETS = {
+    "small": DiTConfig(),  # = mdlm-owt-noeos, 169.6M parameters
+    # CPU-sized: 2 blocks of width 128; the GPT-2 vocabulary makes the embedding and output layer
+    # (2 x 6.4M) most of its 13.3M parameters. 512 tokens cover 87% of IMDB reviews whole.
+    "tiny": DiTConfig(model_length=512, hidden_dim=128, cond_dim=64, n_blocks=2, n_heads=4),
+}
+
+FREQ_EMBED_DIM = 256   # sinusoidal time-embedding width (hard-coded in the reference)
+MLP_RATIO = 4
+ROTARY_BASE = 10000.0
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma [B] -> sinusoidal embedding [B, 256] (cos half first) -> MLP -> [B, cond_dim]."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = FREQ_EMBED_DIM // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), rotate-half (GPT-NeoX) layout, on q and k."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        # persistent, as in the reference: the checkpoint stores it and convert_hf.py checks it
+        self.register_buffer("inv_freq", 1.0 / ROTARY_BASE ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+    def forward(self, seq_len: int):
+        """Returns cos, sin of shape [seq_len, head_dim] (float32) for positions 0..seq_len-1."""
+        angles = torch.outer(torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, 2, H, D] (q and k): out = [x1 cos - x2 sin | x2 cos + x1 sin] with x = [x1 | x2], in float32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None, None], sin[:, None, None]  # [L, 1, 1, D]
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm (no bias), computed in float32 even under autocast, eps 1e-5."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), [x.shape[-1]]) * self.weight
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional softmax attention, scale 1/sqrt(head_dim).
+
+    qkv: [B, L, 3, H, D] (rotary already applied to q and k). attention_mask: bool [B, L], True at
+    real tokens; padding keys are never attended to. Returns [B, L, H*D]. Uses flash-attn's
+    variable-length kernel for CUDA bf16/fp16 when it is installed, otherwise PyTorch SDPA.
+    """
+    B, L, _, H, D = qkv.shape
+    if flash_attn_varlen_qkvpacked_func is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16):
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=qkv.device)
+        lengths = attention_mask.sum(1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        out = flash_attn_varlen_qkvpacked_func(qkv[attention_mask], cu_seqlens, int(lengths.max()), 0.0, causal=False)
+        return out.new_zeros(B, L, H, D).masked_scatter_(attention_mask[..., None, None], out).reshape(B, L, H * D)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
+    mask = None if attention_mask is None else attention_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, H * D)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero-style modulation and gates (DiT)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.hidden_dim
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(approximate="tanh"), nn.Linear(MLP_RATIO * dim, dim))
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin, attention_mask):
+        B, L, dim = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_heads, dim // self.n_heads)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # v is not rotated
+        qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)
+        h = self.attn_out(attention(qkv, attention_mask))
+        # reference order: residual + gate * dropout(branch)
+        x = x + gate_msa * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * F.dropout(h, self.dropout, self.training)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> Linear with bias to vocab_size logits."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.hidden_dim)
+        self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
+
+    def forward(self, x, c):
+        """x [..., D] and c [..., cond_dim] with matching (broadcastable) leading dims."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, input_ids):
+        return self.embedding[input_ids]
+
+
+class DiT(nn.Module):
+    """The MDLM backbone: token ids x_t and noise level sigma -> logits over the vocabulary."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.hidden_dim % cfg.n_heads:
+            raise ValueError(f"hidden_dim {cfg.hidden_dim} is not divisible by n_heads {cfg.n_heads}")
+        self.config = cfg
+        self.vocab_embed = EmbeddingLayer(cfg)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_blocks))
+        self.output_layer = FinalLayer(cfg)
+        # adaLN-Zero initialisation (Peebles & Xie 2023): every block starts as the identity
+        for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, self.output_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, output_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits (no SUBS).
+
+        input_ids: LongTensor [B, L], L <= model_length. sigma: FloatTensor [B], the noise level
+        (diffusion.py passes zeros when time_conditioning is False). attention_mask: BoolTensor [B, L],
+        True at real tokens; padding is never attended to, so outputs at real positions equal those
+        of each sequence run alone. output_mask: BoolTensor [B, L] or None; when given, logits are
+        computed only where it is True (the NELBO needs only masked positions).
+        Returns float32 logits [B, L, vocab_size], or [N, vocab_size] for the N selected positions.
+        On CUDA the blocks and output layer run under bf16 autocast, as in the reference.
+        """
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing to hide: lets SDPA pick its fastest kernel
+        x = self.vocab_embed(input_ids)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(input_ids.shape[1])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            for block in self.blocks:
+                x = block(x, c, cos, sin, attention_mask)
+            if output_mask is None:
+                logits = self.output_layer(x, c[:, None])
+            else:
+                c = c[:, None].expand(-1, x.shape[1], -1)
+                logits = self.output_layer(x[output_mask], c[output_mask])
+        return logits.float()

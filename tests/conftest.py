@@ -1,0 +1,41 @@
+"""Shared test set-up: import path, offline tokenizer, the reference fixture and a fake aclImdb tree."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FIXTURE = ROOT / "tests" / "fixtures" / "mdlm_tiny"
+
+# GPT-2 BPE without network: the shared cache beside the checkout, unless the user set one
+_cache = ROOT.parent / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+WORDS = {"pos": "great wonderful superb loved brilliant moving".split(),
+         "neg": "awful terrible boring hated worst dull".split()}
+
+
+def make_imdb_tree(root: Path, n: int = 12) -> Path:
+    """aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt with n short reviews each, + 3 unsup; returns root."""
+    import random
+    rng = random.Random(0)
+    for split in ("train", "test"):
+        for label, ratings in (("pos", (7, 8, 9, 10)), ("neg", (1, 2, 3, 4))):
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                words = " ".join(rng.choice(WORDS[label] + ["the", "film", "was"]) for _ in range(rng.randint(4, 30)))
+                (folder / f"{i}_{rng.choice(ratings)}.txt").write_text(f"Review {i}.<br /><br />{words}")
+    unsup = root / "aclImdb" / "train" / "unsup"
+    unsup.mkdir()
+    for i in range(3):
+        (unsup / f"{i}_0.txt").write_text("an unlabeled review")
+    return root
+
+
+@pytest.fixture
+def imdb_tree(tmp_path):
+    return make_imdb_tree(tmp_path / "imdb")

@@ -1,0 +1,86 @@
+"""train.py and classify.py end to end on the tiny preset and a fake aclImdb tree (a few steps)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURE, ROOT
+from convert_hf import load_hf
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, env=os.environ)
+
+
+def train(tree, out, cls, steps, *extra):
+    return run("train.py", "--class", str(cls), "--data", str(tree), "--init", "scratch", "--preset", "tiny",
+               "--lr", "1e-3", "--max-steps", str(steps), "--batch-size", "4", "--eval-every", "2",
+               "--val-reviews", "2", "--out", str(out), *extra)
+
+
+@pytest.fixture(scope="module")
+def class_models(tmp_path_factory):
+    from conftest import make_imdb_tree
+    root = tmp_path_factory.mktemp("cli")
+    tree = make_imdb_tree(root / "imdb")
+    for cls in (0, 1):
+        result = train(tree, root / f"c{cls}", cls, 4)
+        assert result.returncode == 0, result.stderr
+    return tree, root
+
+
+def test_train_writes_a_loadable_checkpoint_and_a_validation_curve(class_models):
+    tree, root = class_models
+    config = json.loads((root / "c1" / "config.json").read_text())
+    assert config["class_index"] == 1 and config["class_name"] == "pos" and config["step"] == 4
+    log = [json.loads(line) for line in (root / "c1" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_nats_per_token" in r] == [0, 2, 4]
+    assert all(r["loss"] > 0 for r in log if "loss" in r)
+    assert not load_hf(str(root / "c1")).training
+
+
+def test_resume_continues_from_the_saved_step(class_models, tmp_path):
+    tree, root = class_models
+    import shutil
+    shutil.copytree(root / "c0", tmp_path / "c0")
+    result = train(tree, tmp_path / "c0", 0, 6, "--resume")
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (tmp_path / "c0" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "c0" / "config.json").read_text())["step"] == 6
+
+
+def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
+    tree, root = class_models
+    out = tmp_path / "result.json"
+    result = run("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--data", str(tree),
+                 "--limit", "8", "--mc-samples", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    cm = summary["confusion_matrix"]
+    assert sum(map(sum, cm)) == 8 and [sum(row) for row in cm] == [4, 4]
+    assert summary["accuracy"] == (cm[0][0] + cm[1][1]) / 8
+    assert len(summary["texts"]) == 8 and all(abs(sum(t["posterior"]) - 1) < 1e-6 for t in summary["texts"])
+    assert "confusion matrix" in result.stdout
+
+
+def test_classify_user_texts_from_stdin(class_models):
+    tree, root = class_models
+    result = run("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--input", "-",
+                 stdin="a wonderful film\n\nan awful film\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("neg", "pos") for line in lines)
+
+
+@pytest.mark.parametrize("swap, words", [
+    (True, "trained for class 1, but passed as class 0"),
+    (False, "vocab_size 64 does not match the GPT-2 tokenizer"),
+])
+def test_classify_refuses_mismatched_checkpoints(class_models, swap, words):
+    tree, root = class_models
+    ckpts = [root / "c1", root / "c0"] if swap else [FIXTURE, FIXTURE]
+    result = run("classify.py", "--ckpt0", str(ckpts[0]), "--ckpt1", str(ckpts[1]), "--input", "-", stdin="text\n")
+    assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,125 @@
+"""convert_hf: parity with the reference MDLM outputs stored in the fixture, and strictness."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion
+from conftest import FIXTURE, ROOT
+from convert_hf import CheckpointError, load_hf, save_checkpoint
+from model import DiT, PRESETS
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(FIXTURE / "expected.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_hf(str(FIXTURE))
+
+
+def test_loads_in_eval_mode_fp32(model):
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@torch.no_grad()
+def test_logits_match_reference(model, expected):
+    for sigma_key, logits_key in (("sigma_zero", "logits"), ("sigma", "logits_sigma")):
+        logits = model(expected["input_ids"], expected[sigma_key])
+        torch.testing.assert_close(logits, expected[logits_key], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_subs_log_probs_and_nelbo_match_reference(model, expected):
+    logits = model(expected["input_ids"], expected["sigma_zero"])
+    log_probs = diffusion.subs_log_probs(logits, expected["input_ids"], mask_index=63)
+    ref = expected["log_probs_subs"]
+    finite = ref > -1e5  # the -1e6 entries have float32 spacing 0.06: compare them by pattern only
+    assert torch.equal(log_probs > -1e5, finite)
+    torch.testing.assert_close(log_probs[finite], ref[finite], atol=1e-4, rtol=0)
+    nelbo = diffusion.nelbo(model, expected["x0"], expected["t"], expected["mask"])
+    torch.testing.assert_close(nelbo, expected["nelbo"], atol=1e-4, rtol=0)
+    assert abs(nelbo.sum().item() / expected["x0"].numel() - expected["loss_token_mean"].item()) < 1e-5
+
+
+def test_schedule_matches_reference(expected):
+    t = expected["t"]
+    for fn, key in ((diffusion.sigma, "sigma"), (diffusion.dsigma, "dsigma"),
+                    (diffusion.move_chance, "move_chance"), (diffusion.loss_weight, "loss_weight")):
+        torch.testing.assert_close(fn(t), expected[key], atol=1e-6, rtol=1e-6)
+
+
+def test_small_preset_has_the_real_checkpoint_keys():
+    with torch.device("meta"):
+        state = DiT(PRESETS["small"]).state_dict()
+    ours = [f"backbone.{k} {','.join(map(str, v.shape))} float32" for k, v in state.items()]
+    real = (FIXTURE / "real_keys.txt").read_text().split("\n")
+    assert ours == [line for line in real if line]
+    assert len(ours) == 131
+
+
+def _copy_with(tmp_path, edit):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return str(folder)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.pop("backbone.blocks.1.norm2.weight"), ["missing", "backbone.blocks.1.norm2.weight"]),
+    (lambda t: t.update({"backbone.blocks.2.norm1.weight": torch.ones(64)}), ["unexpected", "backbone.blocks.2.norm1.weight"]),
+    (lambda t: t.update({"backbone.output_layer.linear.bias": torch.zeros(65)}), ["wrong shape", "backbone.output_layer.linear.bias", "(65,)"]),
+    (lambda t: t.update({"backbone.rotary_emb.inv_freq": t["backbone.rotary_emb.inv_freq"] * 1.01}), ["backbone.rotary_emb.inv_freq"]),
+])
+def test_strict_mapping_names_the_key(tmp_path, edit, words):
+    with pytest.raises(CheckpointError) as err:
+        load_hf(_copy_with(tmp_path, edit))
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_optional_sampling_eps_buffers_are_accepted(tmp_path, expected):
+    folder = _copy_with(tmp_path, lambda t: t.update({"sampling_eps_min": torch.tensor(1e-3), "sampling_eps_max": torch.tensor(1.0)}))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(folder)(expected["input_ids"], expected["sigma_zero"]), expected["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.pop("cond_dim"), ["config.json", "missing field 'cond_dim'"]),
+    (lambda c: c.update({"n_blocks": "2"}), ["config.json", "'n_blocks'", "int"]),
+])
+def test_bad_config_names_the_field(tmp_path, edit, words):
+    folder = _copy_with(tmp_path, lambda t: None)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    edit(config)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_hf(folder)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_cli_writes_a_checkpoint_that_loads_back(tmp_path, expected):
+    subprocess.run([sys.executable, "convert_hf.py", "--repo", str(FIXTURE), "--out", str(tmp_path / "out")],
+                   cwd=ROOT, check=True, capture_output=True)
+    converted = load_hf(str(tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(expected["input_ids"], expected["sigma_zero"]), expected["logits"], atol=1e-5, rtol=0)
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(load_file(FIXTURE / "model.safetensors"))
+
+
+def test_save_checkpoint_round_trip(tmp_path, model):
+    save_checkpoint(model.state_dict(), model.config, tmp_path / "rt", {"class_index": 1})
+    again = load_hf(str(tmp_path / "rt"))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert json.loads((tmp_path / "rt" / "config.json").read_text())["class_index"] == 1
