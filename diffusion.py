@@ -157,7 +157,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     probs: float [N, V], rows summing to 1. Returns float [N, V] (same dtype), zero outside the
     nucleus. The most probable token is always kept; ties are ordered by token id.
     """
-    sorted_p, order = probs.sort(-1, descending=True, stable=True)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # probability mass strictly before this token
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
     return kept / kept.sum(-1, keepdim=True)
@@ -179,7 +179,7 @@ def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _draw_tokens(logits: torch.Tensor, u: torch.Tensor, mask_index: int, top_p: float, chunk: int = 256) -> torch.Tensor:
     """Tokens x0 ~ p_theta(x0 | x_t) (SUBS at masked positions, optional nucleus) for N positions.
 
-    logits: float [N, V] raw model output; u: float64 [N] uniforms. Returns long [N], never mask_index.
+    logits: float [N >= 1, V] raw model output; u: float64 [N] uniforms. Returns long [N], never mask_index.
     Rows go `chunk` at a time so that the float64 work stays small when N is large.
     """
     out = []
@@ -188,11 +188,11 @@ def _draw_tokens(logits: torch.Tensor, u: torch.Tensor, mask_index: int, top_p: 
         if top_p < 1:
             probs = top_p_filter(probs, top_p)
         out.append(sample_categorical(probs, u[start:start + chunk]))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=logits.device)
+    return torch.cat(out)
 
 
-def _check_sampler_input(model, xt, steps, top_p, fixed) -> torch.Tensor:
-    """Validate the sampler's arguments; returns `fixed` (derived from xt when None)."""
+def _check_sampler_input(model, xt, steps, top_p, fixed) -> None:
+    """Raise ValueError, with a one-line reason, for arguments the sampler cannot use."""
     cfg = model.config
     mask_index = cfg.vocab_size - 1
     if model.training:
@@ -208,14 +208,13 @@ def _check_sampler_input(model, xt, steps, top_p, fixed) -> torch.Tensor:
     if xt.numel() and (xt.min() < 0 or xt.max() > mask_index):
         raise ValueError(f"xt holds token ids outside [0, {mask_index}] (vocab_size {cfg.vocab_size})")
     if fixed is None:
-        return xt != mask_index
+        return
     if fixed.shape != xt.shape or fixed.dtype != torch.bool:
         raise ValueError(f"fixed must be a BoolTensor of xt's shape {tuple(xt.shape)}, got {fixed.dtype} {tuple(fixed.shape)}")
     if (xt[fixed] == mask_index).any():
         raise ValueError("fixed positions must hold given tokens, not the mask token")
     if (xt[~fixed] != mask_index).any():
         raise ValueError("positions that are not fixed must start as the mask token (x_1 is all masks)")
-    return fixed
 
 
 @torch.inference_mode()
@@ -263,13 +262,14 @@ def ddpm(model, xt: torch.Tensor, steps: int, generator: torch.Generator | None 
 
 def ddpm_cache(model, xt: torch.Tensor, steps: int, generator: torch.Generator | None = None,
                top_p: float = 1.0, fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """ddpm, calling the model only when x_t has changed since its last call (§4.1).
+    """ddpm, calling the model only when x_t has changed since its last call (§4).
 
     With time_conditioning=False the model output depends on x_t alone, so in a step where no
     position of the batch was unmasked the previous output is reused. Every step draws the same
     random numbers as ddpm, so for the same generator state the result is identical to ddpm's
-    (given a deterministic forward pass, as on CPU), with at most min(steps, #positions + 1)
-    model calls. A time-conditioned model is called every step, as in ddpm.
+    (given a deterministic forward pass, as on CPU), with at most
+    min(steps, 1 + number of masked positions in xt) model calls. A time-conditioned model is
+    called every step, as in ddpm.
     Arguments and return value as ddpm.
     """
     return _ancestral(model, xt, steps, generator, top_p, fixed, cache=True)

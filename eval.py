@@ -1,0 +1,136 @@
+"""Perplexity bounds of MDLM checkpoints: NELBO in nats/token, bits/token and exp(NELBO/token).
+
+The NELBO upper-bounds -log p_theta(x) (diffusion.py, §3.3), so exp(NELBO / tokens) is an upper
+bound on the perplexity. Each text's NELBO is estimated with K draws of (t, masked positions),
+antithetic in t, by classify.score_texts; every checkpoint sees the same draws (common random
+numbers). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
+the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
+
+On IMDB each checkpoint is scored on the negative and on the positive reviews separately: the
+"confusion of likelihoods" table, rows = the reviews' true class, columns = checkpoints. A class
+model should have its lowest NELBO on its own class. With --input, every line of a file is a text.
+Texts longer than a model's model_length are truncated to their first model_length tokens.
+
+    python eval.py --ckpt ckpt/neg --ckpt ckpt/pos --split test --limit 1000 --mc-samples 4 --json ppl.json
+    python eval.py --ckpt ckpt/pos --input my_texts.txt --mc-samples 16
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from classify import read_input, score_texts
+from convert_hf import load_hf, read_config
+
+
+def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
+    """Corpus bound from per-text NELBOs (nats, [N]) and token counts ([N]).
+
+    nats_per_token = sum(nelbo) / sum(n_tokens); se: its standard error over texts (delta method
+    for a ratio, sqrt(sum (nelbo_i - r n_i)^2 * N/(N-1)) / sum(n_tokens); 0 for one text);
+    bits_per_token = nats / ln 2; ppl_bound = exp(nats_per_token).
+    """
+    total, n = float(nelbo.sum()), float(n_tokens.sum())
+    r = total / n
+    N = len(nelbo)
+    se = math.sqrt(float(((nelbo - r * n_tokens) ** 2).sum()) * N / (N - 1)) / n if N > 1 else 0.0
+    return {"n_texts": N, "n_tokens": int(n), "nelbo_nats": total, "nats_per_token": r, "se": se,
+            "bits_per_token": r / math.log(2), "ppl_bound": math.exp(r)}
+
+
+def checkpoint_name(path: str) -> str:
+    """The class name stored by train.py in config.json, else the folder's name."""
+    _, raw = read_config(Path(path))
+    return raw.get("class_name") or Path(path).name
+
+
+def load_texts(args) -> tuple[list[str], list[str]]:
+    """(texts, group of each text): IMDB reviews grouped by class name, or the lines of --input (group 'input')."""
+    if args.input:
+        texts = read_input(args.input)
+        return texts, ["input"] * len(texts)
+    reviews = data.load_imdb(args.split, args.data)
+    if args.limit:
+        reviews = data.balanced_subset(reviews, args.limit)
+    return [r.text for r in reviews], [data.CLASSES[r.label] for r in reviews]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
+    p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=int, help="a balanced, seeded subset of this many reviews (1000 = subset C)")
+    p.add_argument("--input", help="evaluate your own texts instead: a file with one text per line, or - for stdin")
+    p.add_argument("--mc-samples", type=int, default=4, help="K draws of (t, mask) per text")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences (text x draw) per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+    p.add_argument("--json", help="write the table and per-text NELBOs here")
+    args = p.parse_args(argv)
+    if args.mc_samples < 1 or args.batch_size < 1:
+        p.error("--mc-samples and --batch-size must be >= 1")
+    if args.input and (args.limit or args.data):
+        p.error("--limit and --data select IMDB reviews; they do not apply to --input")
+
+    try:
+        names = [checkpoint_name(path) for path in args.ckpt]
+        texts, groups = load_texts(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    group_names = [g for g in (*data.CLASSES, "input") if g in groups]  # table rows: neg, pos (or input)
+    groups = np.array(groups)
+    per_text = np.zeros((len(texts), len(args.ckpt)))               # NELBO in nats, text x checkpoint
+    per_text_tokens = np.zeros((len(texts), len(args.ckpt)), dtype=int)
+    results, start = [], time.perf_counter()
+    for m, path in enumerate(args.ckpt):
+        try:
+            model = load_hf(path).to(device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        cfg = model.config
+        tokens = data.encode(texts, cfg.model_length)
+        empty = [i for i, ids in enumerate(tokens) if not ids]
+        if empty:
+            sys.exit(f"error: text {empty[0] + 1} has no tokens after cleaning; nothing to evaluate")
+        try:
+            data.check_vocab(cfg.vocab_size, path)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        n_tokens = np.array([len(ids) for ids in tokens])
+        per_text_tokens[:, m] = n_tokens
+        per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device, progress=True)[:, 0]
+        for g in group_names:
+            rows = groups == g
+            results.append({"data": g, "checkpoint": path, "name": names[m], "max_len": cfg.model_length,
+                            "truncated_texts": int((n_tokens[rows] == cfg.model_length).sum()),
+                            **summarise(per_text[rows, m], n_tokens[rows])})
+        del model
+    seconds = time.perf_counter() - start
+
+    print(f"NELBO bound, nats/token (perplexity bound), K={args.mc_samples} draws per text, "
+          f"seed {args.seed}: rows = data, columns = checkpoints")
+    width = max(22, *(len(n) + 2 for n in names))
+    print(" " * 10 + "".join(f"{n:>{width}}" for n in names))
+    for g in group_names:
+        cells = [f"{r['nats_per_token']:.4f} ({r['ppl_bound']:.2f})" for r in results if r["data"] == g]
+        n = next(r["n_texts"] for r in results if r["data"] == g)
+        print(f"{g:<10}" + "".join(f"{c:>{width}}" for c in cells) + f"   {n} texts")
+    print(f"{seconds:.1f} s on {device}", file=sys.stderr)
+    if args.json:
+        summary = {"checkpoints": args.ckpt, "names": names, "mc_samples": args.mc_samples, "seed": args.seed,
+                   "split": None if args.input else args.split, "limit": args.limit, "input": args.input,
+                   "device": device, "seconds": seconds, "results": results,
+                   "texts": [{"data": str(groups[i]), "n_tokens": per_text_tokens[i].tolist(), "nelbo": per_text[i].round(4).tolist()}
+                             for i in range(len(texts))]}
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The NELBO Monte-Carlo estimate behind eval.py (classify.score_texts) and the eval.py CLI."""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import diffusion  # noqa: E402
+from classify import score_texts  # noqa: E402
+from convert_hf import load_hf, save_checkpoint  # noqa: E402
+from model import DiT, DiTConfig  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mdlm_tiny"
+if not FIXTURE.is_dir():
+    FIXTURE = ROOT.parent / "shared" / "fixtures" / "mdlm_tiny"
+MASK = 63  # fixture: vocab_size 64
+TEXTS = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7]]  # two lengths, so batches hold padding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_hf(str(FIXTURE))
+
+
+def exact_nelbo(model, ids: list[int], nodes: int = 64) -> float:
+    """E_t[ w(t) E_mask[ sum over masked i of -log p_theta(x0_i | x_t) ] ], t ~ U[SAMPLING_EPS, 1], w(t) = 1/t.
+
+    The inner expectation is a sum over all 2^L masks m with q(m | t) = mc^|m| (1 - mc)^(L - |m|),
+    mc = (1 - EPS) t; each mask's loss comes from one forward pass (softmax over the 63 real
+    tokens). The outer integral is a polynomial in t, integrated by 64-point Gauss-Legendre.
+    """
+    L, x0 = len(ids), torch.tensor(ids)
+    masks = torch.tensor(list(itertools.product([False, True], repeat=L)))
+    with torch.no_grad():
+        logits = model(torch.where(masks, MASK, x0), torch.zeros(len(masks)))
+    log_p = logits[..., :MASK].double().log_softmax(-1).gather(-1, x0.expand(len(masks), L)[..., None])[..., 0]
+    loss, k = (-log_p * masks).sum(1).numpy(), masks.sum(1).numpy()
+    lo = diffusion.SAMPLING_EPS
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    t = (1 - lo) / 2 * x + (1 + lo) / 2
+    mc = (1 - diffusion.EPS) * t[:, None]
+    inner = (mc ** k * (1 - mc) ** (L - k) * loss).sum(1)
+    return float(((1 - lo) / 2 * w * inner / t).sum() / (1 - lo))
+
+
+def estimates(model, k: int, copies: int, seed: int = 0) -> np.ndarray:
+    """`copies` independent K-draw NELBO estimates of each text of TEXTS: float64 [copies, len(TEXTS)].
+    (score_texts gives every text index its own seed, so copies of a text get independent draws.)"""
+    return score_texts([model], TEXTS * copies, k, seed, batch_size=256, device="cpu")[:, 0].reshape(copies, len(TEXTS))
+
+
+def test_exact_nelbo_upper_bounds_the_likelihood_of_a_one_token_text(model):
+    """Sanity check of the reference value: for L = 1 the bound is tight up to the eps terms,
+    E_t[(1/t) (1 - EPS) t] (-log p(x | [M])) = (1 - EPS) (-log p(x | [M]))."""
+    with torch.no_grad():
+        nll = -model(torch.tensor([[MASK]]), torch.zeros(1))[0, 0, :MASK].double().log_softmax(-1)[9].item()
+    assert exact_nelbo(model, [9]) == pytest.approx((1 - diffusion.EPS) * nll, rel=1e-6)  # float32 forward
+
+
+def test_nelbo_estimate_is_unbiased(model):
+    est = estimates(model, k=4, copies=1000)
+    for j, ids in enumerate(TEXTS):
+        exact = exact_nelbo(model, ids)
+        se = est[:, j].std(ddof=1) / math.sqrt(len(est))
+        assert abs(est[:, j].mean() - exact) < 4 * se, f"text {j}: MC mean {est[:, j].mean():.3f} vs exact {exact:.3f} (se {se:.3f})"
+        assert se < 0.02 * exact  # sharp enough to see a bias of a few percent
+
+
+def test_estimate_variance_shrinks_with_more_draws(model):
+    sd = {k: estimates(model, k, copies=150, seed=1).std(0, ddof=1) for k in (2, 32)}
+    # 16x the draws: the spread of the estimate should shrink about 4x (antithetic t: at least as fast)
+    assert (sd[32] < sd[2] / 2.5).all(), sd
+
+
+# ---- eval.py ------------------------------------------------------------------------------
+REVIEWS = {"neg": ["Terrible film. I walked out after twenty minutes and asked for my money back.",
+                   "Boring, slow and far too long.<br />The plot makes no sense and the acting is wooden.",
+                   "The worst movie I have seen this year; even the music is annoying."],
+           "pos": ["A wonderful, moving story with a brilliant cast. I cried at the end.",
+                   "Great acting, a clever plot and beautiful photography.<br />Highly recommended!",
+                   "I loved every minute of it and will happily watch it again with friends."]}
+CFG = DiTConfig(vocab_size=50258, model_length=64, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=2)
+GPT2 = 50257
+
+
+def gpt2_ids(text: str) -> list[int]:
+    import tiktoken
+    return tiktoken.get_encoding("gpt2").encode_ordinary(text.replace("<br />", "\n"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An aclImdb-shaped folder and two fresh tiny checkpoints. A fresh DiT's output layer has zero
+    weights, so its SUBS distribution is softmax(output bias) at every position, whatever the
+    context: 'uniform' keeps the zero bias; 'pos' raises the bias of every token of the positive reviews."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
+    root = tmp_path_factory.mktemp("eval")
+    for split in ("train", "test"):
+        for label, texts in REVIEWS.items():
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i, text in enumerate(texts):
+                (folder / f"{i}_{2 if label == 'neg' else 9}.txt").write_text(text, encoding="utf-8")
+    torch.manual_seed(0)
+    model = DiT(CFG)
+    save_checkpoint(model.state_dict(), CFG, root / "uniform", {"class_name": "uniform"})
+    pos_ids = sorted({i for text in REVIEWS["pos"] for i in gpt2_ids(text)})
+    with torch.no_grad():
+        model.output_layer.linear.bias[pos_ids] = 6.0
+    save_checkpoint(model.state_dict(), CFG, root / "pos", {"class_name": "pos"})
+    return root, model.output_layer.linear.bias.detach().double()
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))  # offline GPT-2 BPE
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+
+
+def test_eval_cli_confusion_of_likelihoods(workdir):
+    root, pos_bias = workdir
+    out = root / "ppl.json"
+    res = run_cli("--ckpt", root / "uniform", "--ckpt", root / "pos", "--data", root / "aclImdb", "--split", "test",
+                  "--mc-samples", 16, "--seed", 0, "--json", out)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(out.read_text())
+    table = {(r["data"], r["name"]): r for r in summary["results"]}
+    assert sorted(table) == [("neg", "pos"), ("neg", "uniform"), ("pos", "pos"), ("pos", "uniform")]
+    # expected bound: with a context-free model, E[NELBO] = (1 - EPS) * sum_i -log p(x_i) exactly
+    log_p = {"uniform": torch.full((GPT2,), -math.log(GPT2), dtype=torch.float64),
+             "pos": pos_bias[:GPT2].log_softmax(0)}
+    for (label, name), r in table.items():
+        ids = [i for text in REVIEWS[label] for i in gpt2_ids(text)]
+        assert r["n_texts"] == 3 and r["n_tokens"] == len(ids)
+        expected = (1 - diffusion.EPS) * float(-log_p[name][ids].mean())
+        assert abs(r["nats_per_token"] - expected) < 1.5, (label, name, r["nats_per_token"], expected)
+        assert r["bits_per_token"] == pytest.approx(r["nats_per_token"] / math.log(2))
+        assert r["ppl_bound"] == pytest.approx(math.exp(r["nats_per_token"]))
+    # the positive-review model explains positive reviews far better than negative ones
+    assert table[("pos", "pos")]["nats_per_token"] < table[("neg", "pos")]["nats_per_token"] - 2
+    assert "uniform" in res.stdout and "neg" in res.stdout
+
+
+def test_eval_cli_on_a_text_file_and_bad_input(workdir, tmp_path):
+    root, _ = workdir
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A fine little film.\n\nNot my cup of tea at all.\n", encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    res = run_cli("--ckpt", root / "uniform", "--input", texts, "--mc-samples", 2, "--json", out)
+    assert res.returncode == 0, res.stderr
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["data"] == "input" and r["n_texts"] == 2
+    assert r["n_tokens"] == len(gpt2_ids("A fine little film.")) + len(gpt2_ids("Not my cup of tea at all."))
+    bad = run_cli("--ckpt", FIXTURE, "--input", texts, "--mc-samples", 2)  # vocab_size 64: no room for GPT-2 ids
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "vocab_size 64" in bad.stderr
