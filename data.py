@@ -1,15 +1,25 @@
-"""IMDB Large Movie Review Dataset (Maas et al. 2011), GPT-2 BPE, and length-bucketed batches.
+"""Labeled text datasets, GPT-2 BPE, windows of long texts, and length-bucketed batches.
 
-Reads Stanford's `aclImdb_v1.tar.gz` (the tarball or its extracted folder). Where the data is:
-`--data PATH`, else the `IMDB_PATH` environment variable, else a download from Stanford into
-~/.cache/mdlm-classifier. Class index 0 = negative (`neg`), 1 = positive (`pos`).
+`--data PATH` is one of
+- IMDB (Maas et al. 2011): Stanford's `aclImdb_v1.tar.gz` or its extracted `aclImdb` folder; without
+  a path, the `IMDB_PATH` environment variable, else a download from Stanford into
+  ~/.cache/mdlm-classifier. Splits train, test and unsup (unlabeled); classes neg = 0, pos = 1.
+- a JSONL file (one JSON object per line) or a CSV file (with a header row) holding a text field
+  and a label field (`--text-field`, `--label-field`; default `text` and `label`);
+- a folder with one sub-folder of `.txt` files per class (the sub-folder's name is the label).
+Labels are names (JSON numbers become strings); class index = position among the sorted names.
+A dataset without splits gets a seeded, stratified test split: 10% of each class (seed 0) is held
+out as 'test', the rest is 'train'; it has no 'unsup' texts.
 
 Tokens: tiktoken's `gpt2` encoding without BOS/EOS (mdlm-owt-noeos was trained without them);
 the mask token is id 50257 = the model's vocab_size - 1. `<br />` tags become newlines everywhere
-(training, validation and classification see the same text). Reviews longer than the model's
-context (`model_length`: 1024 tokens for `small`, which keeps 98% of reviews whole; 512 for `tiny`,
-87%) are truncated to their first `model_length` tokens.
+(training, validation and classification see the same text). Texts longer than the model's
+context (`model_length`: 1024 tokens for `small`, which holds 98% of IMDB reviews whole; 512 for
+`tiny`, 87%) are never truncated: training takes a random window of model_length tokens at each
+visit (`crop`), scoring splits the text into disjoint windows (`windows`) and sums their NELBOs.
 """
+import csv
+import json
 import os
 import re
 import tarfile
@@ -22,6 +32,7 @@ import torch
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 CLASSES = ("neg", "pos")
 SPLITS = ("train", "test", "unsup")
+TEST_FRACTION = 0.1  # held out as the test split of a dataset without splits
 # aclImdb/<split>/<label>/<id>_<rating>.txt ; unsup lives in train/unsup
 REVIEW_PATH = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
 
@@ -32,10 +43,11 @@ class DataError(ValueError):
 
 @dataclass
 class Review:
+    """One text of any dataset (the name is IMDB's)."""
     text: str
-    label: int   # index into CLASSES; -1 for unlabeled (unsup) reviews
-    id: int      # the <id> of <id>_<rating>.txt
-    rating: int  # 1-4 neg, 7-10 pos, 0 unsup
+    label: int   # index into the dataset's class names; -1 for unlabeled (unsup) reviews
+    id: int      # IMDB: the <id> of <id>_<rating>.txt; other datasets: position in the file (or folder)
+    rating: int  # IMDB: 1-4 neg, 7-10 pos, 0 unsup; other datasets: 0
 
 
 def imdb_path(path: str | None = None) -> Path:
@@ -72,7 +84,8 @@ def load_imdb(split: str, path: str | None = None) -> list[Review]:
     reviews = []
     if root.is_file():
         if not tarfile.is_tarfile(root):
-            raise DataError(f"--data {root}: not a tar archive (expected aclImdb_v1.tar.gz)")
+            raise DataError(f"--data {root}: not a tar archive (expected aclImdb_v1.tar.gz, a .jsonl or .csv file, "
+                            "or a folder of class sub-folders)")
         with tarfile.open(root) as tar:
             for member in tar:  # one pass over the gzip stream (~6 s for the whole archive)
                 m = REVIEW_PATH.search(member.name)
@@ -89,6 +102,109 @@ def load_imdb(split: str, path: str | None = None) -> list[Review]:
     return sorted(reviews, key=lambda r: (r.label, r.id))
 
 
+def add_data_args(parser) -> None:
+    """The dataset flags every CLI shares: --data, --text-field, --label-field."""
+    parser.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download), a .jsonl or "
+                        ".csv file, or a folder with one sub-folder of .txt files per class")
+    parser.add_argument("--text-field", default="text", help="JSONL key / CSV column holding the text")
+    parser.add_argument("--label-field", default="label", help="JSONL key / CSV column holding the label")
+
+
+def load_dataset(path: str | None, split: str, text_field: str = "text",
+                 label_field: str = "label") -> tuple[list[Review], list[str]]:
+    """The texts of one split ('train', 'test' or 'unsup') of any dataset, and its class names.
+
+    path: an aclImdb tarball or folder (None: $IMDB_PATH or the download), a .jsonl or .csv file,
+    or a folder of class sub-folders (see the module docstring). IMDB: load_imdb, classes
+    ['neg', 'pos']. Otherwise read_labeled, then 'test' is TEST_FRACTION of each class held out
+    by train_val_split with seed 0, 'train' the rest, 'unsup' empty. Raises DataError as
+    load_imdb and read_labeled do.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if path is None or _is_imdb(Path(path)):
+        return load_imdb(split, path), list(CLASSES)
+    reviews, names = read_labeled(path, text_field, label_field)
+    train, test = train_val_split(reviews, TEST_FRACTION, seed=0)
+    return {"train": train, "test": test, "unsup": []}[split], names
+
+
+def _is_imdb(path: Path) -> bool:
+    """An aclImdb folder (or one holding it), or a file that is not .jsonl/.csv (the tarball)."""
+    if path.is_file():
+        return path.suffix.lower() not in (".jsonl", ".csv")
+    return path.name == "aclImdb" or (path / "aclImdb").is_dir()
+
+
+def read_labeled(path: str, text_field: str = "text", label_field: str = "label") -> tuple[list[Review], list[str]]:
+    """Every text of a dataset without splits, in file order (a folder: by class, then file name),
+    and its class names (the sorted labels). Review.id = position, rating = 0.
+
+    JSONL: one object per line, blank lines skipped; CSV: a header row naming the columns; both
+    need a non-empty text under `text_field` and a string or integer label under `label_field`.
+    A folder: <path>/<label>/*.txt. Raises DataError naming the file (and line) for a missing
+    path, an unknown file type, text that is not UTF-8, a bad JSON line, a missing column,
+    field, text or label, or an empty dataset.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{path}: no such file or folder")
+    suffix = root.suffix.lower()
+    if root.is_file() and suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{path}: expected a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
+    try:
+        rows = list(_folder_rows(root) if root.is_dir() else _jsonl_rows(root, text_field, label_field)
+                    if suffix == ".jsonl" else _csv_rows(root, text_field, label_field))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise DataError(f"{path}: no texts (expected JSONL/CSV rows, or <label>/*.txt files)")
+    for where, text, label in rows:
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: no text in field {text_field!r} (set --text-field)")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise DataError(f"{where}: no string or integer label in field {label_field!r} (set --label-field)")
+    names = sorted({str(label) for _, _, label in rows})
+    index = {name: c for c, name in enumerate(names)}
+    return [Review(text, index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
+
+
+def _jsonl_rows(path: Path, text_field: str, label_field: str):
+    """(where, text, label) of every non-blank line; text and label None where the key is missing."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path} line {n}", row.get(text_field), row.get(label_field)
+
+
+def _csv_rows(path: Path, text_field: str, label_field: str):
+    """(where, text, label) of every data row."""
+    csv.field_size_limit(2**31 - 1)  # long texts: the default limit is 128 KiB per field
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
+            if field not in columns:
+                raise DataError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}; set {flag})")
+        try:
+            for row in reader:
+                yield f"{path} line {reader.line_num}", row[text_field], row[label_field]
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: {e}") from None
+
+
+def _folder_rows(root: Path):
+    """(file, text, sub-folder name) of every <root>/<label>/*.txt."""
+    for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for file in sorted(folder.glob("*.txt")):
+            yield str(file), file.read_text(encoding="utf-8"), folder.name
+
+
 def train_val_split(reviews: list[Review], val_fraction: float = 0.05, seed: int = 0) -> tuple[list[Review], list[Review]]:
     """Hold out a seeded `val_fraction` of every class (for validation NELBO). Returns (train, val)."""
     rng = np.random.default_rng(seed)
@@ -103,21 +219,23 @@ def train_val_split(reviews: list[Review], val_fraction: float = 0.05, seed: int
 
 
 def balanced_subset(reviews: list[Review], limit: int, seed: int = 0) -> list[Review]:
-    """`limit` labeled reviews, limit/2 per class, drawn by review id as in shared/data/README.md.
+    """`limit` labeled texts, the same number from each of the C classes present, as in shared/data/README.md.
 
-    rng = numpy.random.default_rng(seed); pos ids = rng.choice(n_pos, limit/2, replace=False), then
-    neg ids from the same generator. With limit 1000 and seed 0 on the test split this is subset C.
-    Raises DataError if limit is odd or larger than a class allows.
+    rng = numpy.random.default_rng(seed); classes are drawn from the highest index down (IMDB: pos,
+    then neg), each by rng.choice(n_c, limit / C, replace=False) over its texts sorted by id. On
+    IMDB (ids 0..n-1 per class), limit 1000 and seed 0 on the test split give subset C.
+    Raises DataError if limit is not a multiple of C or larger than a class allows.
     """
-    if limit % 2:
-        raise DataError(f"--limit {limit}: must be even (half per class)")
+    labels = sorted({r.label for r in reviews if r.label >= 0}, reverse=True)
+    if limit % len(labels):
+        raise DataError(f"--limit {limit}: must be a multiple of the {len(labels)} classes (the same number per class)")
     rng = np.random.default_rng(seed)
     chosen = []
-    for label in (CLASSES.index("pos"), CLASSES.index("neg")):  # subset C draws pos first
-        by_id = {r.id: r for r in reviews if r.label == label}
-        if limit // 2 > len(by_id):
-            raise DataError(f"--limit {limit}: only {len(by_id)} {CLASSES[label]} reviews in this split")
-        chosen += [by_id[i] for i in rng.choice(len(by_id), limit // 2, replace=False)]
+    for label in labels:
+        group = sorted((r for r in reviews if r.label == label), key=lambda r: r.id)
+        if limit // len(labels) > len(group):
+            raise DataError(f"--limit {limit}: only {len(group)} texts of class {label} in this split")
+        chosen += [group[i] for i in rng.choice(len(group), limit // len(labels), replace=False)]
     return chosen
 
 
@@ -141,10 +259,30 @@ def check_vocab(vocab_size: int, source: str) -> None:
                         f"({n_vocab} tokens + 1 mask token = {n_vocab + 1})")
 
 
-def encode(texts: list[str], max_len: int) -> list[list[int]]:
-    """Cleaned texts -> GPT-2 token ids (no BOS/EOS), each truncated to its first max_len tokens."""
-    enc = get_tokenizer()
-    return [ids[:max_len] for ids in enc.encode_ordinary_batch([clean(t) for t in texts])]
+def encode(texts: list[str], max_len: int | None = None) -> list[list[int]]:
+    """Cleaned texts -> GPT-2 token ids (no BOS/EOS): every token, or the first max_len (a prompt).
+    Raises DataError for a text with no tokens (nothing to train on or score)."""
+    tokens = get_tokenizer().encode_ordinary_batch([clean(t) for t in texts])
+    empty = [i for i, ids in enumerate(tokens) if not ids]
+    if empty:
+        raise DataError(f"text {empty[0] + 1} has no tokens after cleaning; nothing to score")
+    return [ids[:max_len] for ids in tokens]
+
+
+def windows(ids: list[int], max_len: int) -> list[list[int]]:
+    """Split a text's tokens into the fewest disjoint, contiguous windows of <= max_len tokens,
+    of near-equal size (lengths differ by at most 1), in order; [ids] itself when it fits."""
+    k = max(1, -(-len(ids) // max_len))
+    return [ids[len(ids) * w // k:len(ids) * (w + 1) // k] for w in range(k)]
+
+
+def crop(ids: list[int], max_len: int, generator: torch.Generator) -> list[int]:
+    """A training window: ids when it fits, else max_len tokens from a uniformly random start
+    (one draw from `generator`, made only for a text longer than max_len)."""
+    if len(ids) <= max_len:
+        return ids
+    start = int(torch.randint(len(ids) - max_len + 1, (1,), generator=generator))
+    return ids[start:start + max_len]
 
 
 def collate(token_lists: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:

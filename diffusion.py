@@ -56,11 +56,11 @@ def antithetic_t(n: int, generator: torch.Generator | None = None, device=None) 
 def mask_positions(t: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Forward process q(x_t | x0): bool [B, L], True where the token is masked.
 
-    t: float [B]; attention_mask: bool [B, L] (True at real tokens). A real token is masked with
-    probability move_chance(t); padding never is.
+    t: float [B]; attention_mask: bool [B, L] (True at real tokens), whose device the result is on.
+    A real token is masked with probability move_chance(t); padding never is.
     """
-    u = torch.rand(attention_mask.shape, generator=generator).to(t.device)
-    return (u < move_chance(t)[:, None]) & attention_mask
+    u = torch.rand(attention_mask.shape, generator=generator).to(attention_mask.device)  # CPU draws: same on any device
+    return (u < move_chance(t).to(u.device)[:, None]) & attention_mask
 
 
 def per_text_draws(lengths: list[int], k: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

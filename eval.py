@@ -6,10 +6,11 @@ antithetic in t, by classify.score_texts; every checkpoint sees the same draws (
 numbers). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
 the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
 
-On IMDB each checkpoint is scored on the negative and on the positive reviews separately: the
-"confusion of likelihoods" table, rows = the reviews' true class, columns = checkpoints. A class
-model should have its lowest NELBO on its own class. With --input, every line of a file is a text.
-Texts longer than a model's model_length are truncated to their first model_length tokens.
+On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data) each
+checkpoint is scored on the texts of each class separately: the "confusion of likelihoods" table,
+rows = the texts' true class, columns = checkpoints. A class model should have its lowest NELBO
+on its own class. With --input, every line of a file is a text. A text longer than a model's
+model_length is scored whole, as the sum of the NELBOs of its disjoint windows (score_texts).
 
     python eval.py --ckpt ckpt/neg --ckpt ckpt/pos --split test --limit 1000 --mc-samples 4 --json ppl.json
     python eval.py --ckpt ckpt/pos --input my_texts.txt --mc-samples 16
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 import data
-from classify import read_input, score_texts
+from classify import labeled_texts, read_input, score_texts
 from convert_hf import load_hf, read_config
 
 
@@ -50,44 +51,45 @@ def checkpoint_name(path: str) -> str:
     return raw.get("class_name") or Path(path).name
 
 
-def load_texts(args) -> tuple[list[str], list[str]]:
-    """(texts, group of each text): IMDB reviews grouped by class name, or the lines of --input (group 'input')."""
+def load_texts(args) -> tuple[list[str], list[str], list[str]]:
+    """(texts, group of each text, the groups in table order): labeled texts grouped by class name
+    (classify.labeled_texts), or the lines of --input (group 'input')."""
     if args.input:
         texts = read_input(args.input)
-        return texts, ["input"] * len(texts)
-    reviews = data.load_imdb(args.split, args.data)
-    if args.limit:
-        reviews = data.balanced_subset(reviews, args.limit)
-    return [r.text for r in reviews], [data.CLASSES[r.label] for r in reviews]
+        return texts, ["input"] * len(texts), ["input"]
+    reviews, names = labeled_texts(args)
+    groups = [names[r.label] for r in reviews]
+    return [r.text for r in reviews], groups, [n for n in names if n in set(groups)]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
-    p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
+    data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=int, help="a balanced, seeded subset of this many reviews (1000 = subset C)")
+    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): evaluate all of it")
+    p.add_argument("--limit", type=int, help="a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="evaluate your own texts instead: a file with one text per line, or - for stdin")
     p.add_argument("--mc-samples", type=int, default=4, help="K draws of (t, mask) per text")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences (text x draw) per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences (window x draw) per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
     if args.mc_samples < 1 or args.batch_size < 1:
         p.error("--mc-samples and --batch-size must be >= 1")
-    if args.input and (args.limit or args.data):
-        p.error("--limit and --data select IMDB reviews; they do not apply to --input")
+    if args.input and (args.limit or args.data or args.test_data):
+        p.error("--limit, --data and --test-data select labeled texts; they do not apply to --input")
 
     try:
         names = [checkpoint_name(path) for path in args.ckpt]
-        texts, groups = load_texts(args)
+        texts, groups, group_names = load_texts(args)  # table rows: the classes (or input)
+        tokens = data.encode(texts)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    group_names = [g for g in (*data.CLASSES, "input") if g in groups]  # table rows: neg, pos (or input)
     groups = np.array(groups)
+    n_tokens = np.array([len(ids) for ids in tokens])
     per_text = np.zeros((len(texts), len(args.ckpt)))               # NELBO in nats, text x checkpoint
-    per_text_tokens = np.zeros((len(texts), len(args.ckpt)), dtype=int)
     results, start = [], time.perf_counter()
     for m, path in enumerate(args.ckpt):
         try:
@@ -95,21 +97,15 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"error: {e}")
         cfg = model.config
-        tokens = data.encode(texts, cfg.model_length)
-        empty = [i for i, ids in enumerate(tokens) if not ids]
-        if empty:
-            sys.exit(f"error: text {empty[0] + 1} has no tokens after cleaning; nothing to evaluate")
         try:
             data.check_vocab(cfg.vocab_size, path)
         except data.DataError as e:
             sys.exit(f"error: {e}")
-        n_tokens = np.array([len(ids) for ids in tokens])
-        per_text_tokens[:, m] = n_tokens
         per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device, progress=True)[:, 0]
         for g in group_names:
             rows = groups == g
             results.append({"data": g, "checkpoint": path, "name": names[m], "max_len": cfg.model_length,
-                            "truncated_texts": int((n_tokens[rows] == cfg.model_length).sum()),
+                            "windowed_texts": int((n_tokens[rows] > cfg.model_length).sum()),
                             **summarise(per_text[rows, m], n_tokens[rows])})
         del model
     seconds = time.perf_counter() - start
@@ -125,9 +121,10 @@ def main(argv=None):
     print(f"{seconds:.1f} s on {device}", file=sys.stderr)
     if args.json:
         summary = {"checkpoints": args.ckpt, "names": names, "mc_samples": args.mc_samples, "seed": args.seed,
-                   "split": None if args.input else args.split, "limit": args.limit, "input": args.input,
+                   "split": None if args.input or args.test_data else args.split, "limit": args.limit,
+                   "data": args.test_data or args.data, "input": args.input,
                    "device": device, "seconds": seconds, "results": results,
-                   "texts": [{"data": str(groups[i]), "n_tokens": per_text_tokens[i].tolist(), "nelbo": per_text[i].round(4).tolist()}
+                   "texts": [{"data": str(groups[i]), "n_tokens": int(n_tokens[i]), "nelbo": per_text[i].round(4).tolist()}
                              for i in range(len(texts))]}
         Path(args.json).write_text(json.dumps(summary, indent=1))
 

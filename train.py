@@ -1,7 +1,14 @@
-"""Fine-tune one class model: an MDLM trained on the reviews of a single class.
+"""Fine-tune one class model: an MDLM trained on the texts of a single class.
 
-    python train.py --class 0 --out ckpt/neg                        # from mdlm-owt-noeos (hub)
-    python train.py --class 0 --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
+    python train.py --class 0 --out ckpt/neg                        # IMDB, from mdlm-owt-noeos (hub)
+    python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
+    python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
+    python train.py --class all --out ckpt/base                     # a base model on every text (IMDB: + unsup)
+
+The model trains on the 'train' split (data.load_dataset; a dataset without splits holds out
+its test split first) less a validation set: 5% of each class, seed 0, the same for every run.
+A text longer than model_length contributes a random window of model_length tokens each time it
+is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the same windows.
 
 Objective: the continuous-time NELBO of diffusion.py, in nats per real token, with antithetic t
 over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at 1, bf16
@@ -36,19 +43,19 @@ FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--class", dest="cls", type=int, required=True, choices=range(len(data.CLASSES)),
-                   help="0 = negative, 1 = positive reviews")
-    p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
+    p.add_argument("--class", dest="cls", required=True,
+                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for a base model on every text")
+    data.add_data_args(p)
     p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="reviews per micro-batch")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--eval-every", type=int, default=100, help="validate and checkpoint every N steps")
-    p.add_argument("--val-reviews", type=int, default=256, help="held-out reviews of this class used for validation")
+    p.add_argument("--val-reviews", type=int, default=256, help="held-out texts per class used for validation")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -62,6 +69,18 @@ def parse_args(argv=None):
         p.error("--lr must be > 0")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
     return args
+
+
+def class_index(name: str, classes: list[str]) -> int | None:
+    """--class NAME_OR_INDEX -> index into classes (a name first, then a number); 'all' -> None.
+    Raises DataError for anything else."""
+    if name == "all":
+        return None
+    if name in classes:
+        return classes.index(name)
+    if name.isdigit() and int(name) < len(classes):
+        return int(name)
+    raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
 
 
 def init_model(args) -> DiT:
@@ -122,23 +141,30 @@ def main(argv=None):
 
 def train(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = data.CLASSES[args.cls]
-    train, val = data.train_val_split(data.load_imdb("train", args.data))  # fixed seed: the same held-out set for every run
+    reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
+    cls = class_index(args.cls, classes)
+    train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
+    if cls is None:
+        train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
+    labels = range(len(classes)) if cls is None else [cls]
+    name = "all" if cls is None else classes[cls]
     model = init_model(args).to(device).train()
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length
-    tokens = data.encode([r.text for r in train if r.label == args.cls], max_len)
-    val_tokens = data.encode([r.text for r in val if r.label == args.cls][:args.val_reviews], max_len)
-    lengths = [len(ids) for ids in tokens]
+    tokens = data.encode([r.text for r in train if cls is None or r.label == cls])
+    val_tokens = data.encode([v.text for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]])
+    lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    meta = {"class_index": args.cls, "class_name": name, "tokenizer": "gpt2", "mask_index": model.config.vocab_size - 1,
-            "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
+    meta = {"class_index": cls, "class_name": name, "classes": classes, "tokenizer": "gpt2",
+            "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     if args.resume and not Path(args.out, "train_state.json").is_file():
         raise SystemExit(f"error: --resume: no checkpoint in {args.out} (train_state.json not found)")
     step = resume(args, model, ema, opt) if args.resume else 0
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"class {args.cls} ({name}): {len(tokens)} train / {len(val_tokens)} val reviews, {sum(lengths)} tokens; "
+    n_long = sum(len(ids) > max_len for ids in tokens)
+    print(f"class {name} ({len(classes)} classes): {len(tokens)} train / {len(val_tokens)} val texts, "
+          f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
           f"{n_params / 1e6:.1f}M parameters on {device}; lr {args.lr}")
 
     def validate():
@@ -167,8 +193,8 @@ def train(args):
                 batches = data.length_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch]))
             idx = batches[micro % len(batches)]
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + micro)
-            x0, attention_mask = data.collate([tokens[i] for i in idx], device)
             t = diffusion.antithetic_t(len(idx), g, device)
+            x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx], device)
             masked = diffusion.mask_positions(t, attention_mask.cpu(), g).to(device)
             n_tokens = attention_mask.sum()
             loss = diffusion.nelbo(model, x0, t, masked, attention_mask).sum() / n_tokens  # nats / token

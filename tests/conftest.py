@@ -1,4 +1,4 @@
-"""Shared test set-up: import path, offline tokenizer, the reference fixture and a fake aclImdb tree."""
+"""Shared test set-up: import path, offline tokenizer, the reference fixture, a fake aclImdb tree and a toy 3-language dataset."""
 import os
 import sys
 from pathlib import Path
@@ -34,6 +34,31 @@ def make_imdb_tree(root: Path, n: int = 12) -> Path:
     for i in range(3):
         (unsup / f"{i}_0.txt").write_text("an unlabeled review")
     return root
+
+
+# three "languages" with disjoint vocabularies (each word one GPT-2 token): a class model only has to
+# learn which words its language uses, so a few training steps separate them
+LANGUAGES = {"animals": "cat dog horse cow sheep goat pig duck".split(),
+             "colors": "red green blue yellow purple orange brown pink".split(),
+             "numbers": "one two three four five six seven eight".split()}
+
+
+def make_languages(n: int, seed: int = 0) -> list[dict]:
+    """n texts per language, interleaved: [{"text": 5-15 random words of one language, "label": its name}, ...]."""
+    import random
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 15))), "label": label}
+            for _ in range(n) for label, words in LANGUAGES.items()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a busy machine for its cores)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from convert_hf import load_hf
 
 
 def run(*args, stdin=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, env=os.environ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, env=env)
 
 
 def train(tree, out, cls, steps, *extra):
@@ -39,6 +40,14 @@ def test_train_writes_a_loadable_checkpoint_and_a_validation_curve(class_models)
     assert [r["step"] for r in log if "val_nats_per_token" in r] == [0, 2, 4]
     assert all(r["loss"] > 0 for r in log if "loss" in r)
     assert not load_hf(str(root / "c1")).training
+
+
+def test_class_all_trains_on_every_imdb_text_including_unsup(class_models, tmp_path):
+    tree, root = class_models
+    result = train(tree, tmp_path / "base", "all", 1)
+    assert result.returncode == 0, result.stderr
+    assert "class all (2 classes): 25 train / 2 val texts" in result.stdout  # 2 x (12 - 1 val) labeled + 3 unsup
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["classes"] == ["neg", "pos"]
 
 
 def test_resume_continues_from_the_saved_step(class_models, tmp_path):

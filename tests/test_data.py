@@ -85,3 +85,23 @@ def test_collate_and_length_batches():
         assert all(len(b) <= 16 for b in batches)
     spread = np.mean([np.ptp([lengths[i] for i in b]) for b in data.length_batches(lengths, 16, np.random.default_rng(1))])
     assert spread < 0.2 * np.ptp(lengths)  # similar lengths in a batch: little padding
+
+
+@pytest.mark.parametrize("n, max_len, sizes", [(5, 8, [5]), (8, 8, [8]), (9, 8, [4, 5]), (24, 8, [8, 8, 8]), (25, 8, [6, 6, 6, 7])])
+def test_windows_are_the_fewest_disjoint_pieces_that_fit(n, max_len, sizes):
+    ids = list(range(100, 100 + n))
+    pieces = data.windows(ids, max_len)
+    assert [len(p) for p in pieces] == sizes
+    assert [i for p in pieces for i in p] == ids  # disjoint, in order, nothing left out
+
+
+def test_crop_takes_a_seeded_random_window_of_long_texts_only():
+    ids = list(range(50))
+    g = torch.Generator().manual_seed(0)
+    assert data.crop(ids[:8], 8, g) == ids[:8]
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # a short text draws nothing
+    starts = {data.crop(ids, 8, g)[0] for _ in range(1000)}
+    assert starts == set(range(43))  # every start 0..50-8 is drawn
+    window = data.crop(ids, 8, torch.Generator().manual_seed(3))
+    assert window == data.crop(ids, 8, torch.Generator().manual_seed(3))  # the same seed, the same window
+    assert window == ids[window[0]:window[0] + 8]

@@ -26,12 +26,7 @@ MASK = 63  # fixture: vocab_size 64
 TEXTS = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7]]  # two lengths, so batches hold padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +82,28 @@ def test_estimate_variance_shrinks_with_more_draws(model):
     sd = {k: estimates(model, k, copies=150, seed=1).std(0, ddof=1) for k in (2, 32)}
     # 16x the draws: the spread of the estimate should shrink about 4x (antithetic t: at least as fast)
     assert (sd[32] < sd[2] / 2.5).all(), sd
+
+
+def draws_alone(model, ids: list[int], k: int, seed: int) -> float:
+    """The K-draw NELBO of one sequence scored on its own, with the draws of `seed` (no batching, no padding)."""
+    t, masked = diffusion.per_text_draws([len(ids)], k, [seed])
+    x0 = torch.tensor([ids]).repeat(k, 1)
+    with torch.no_grad():
+        return float(diffusion.nelbo(model, x0, t, masked).double().mean())
+
+
+def test_long_text_scores_as_the_sum_of_its_windows_and_short_texts_are_unaffected(model):
+    L, k, seed = model.config.model_length, 3, 5
+    g = torch.Generator().manual_seed(0)
+    long = torch.randint(0, MASK, (3 * L,), generator=g).tolist()
+    texts = [TEXTS[0], long, TEXTS[1]]
+    got = score_texts([model], texts, k, seed, batch_size=6, device="cpu")[:, 0]
+    # windows of the long text (text 1): tokens [0, L), [L, 2L), [2L, 3L), window w with the draws of seed*1_000_003 + 1 + w*2**40
+    windows = [draws_alone(model, long[w * L:(w + 1) * L], k, seed * 1_000_003 + 1 + w * 2**40) for w in range(3)]
+    assert got[1] == pytest.approx(sum(windows), rel=1e-5)
+    # short texts keep the draws they had before windowing existed: seed * 1_000_003 + text index
+    for i in (0, 2):
+        assert got[i] == pytest.approx(draws_alone(model, texts[i], k, seed * 1_000_003 + i), rel=1e-5)
 
 
 # ---- eval.py ------------------------------------------------------------------------------

@@ -22,13 +22,7 @@ MASK = 63  # fixture: vocab_size 64, model_length 32
 SAMPLERS = [diffusion.ddpm, diffusion.ddpm_cache]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine for its cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")

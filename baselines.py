@@ -1,0 +1,106 @@
+"""Classical baselines on IMDB: bag-of-n-grams classifiers to compare the diffusion classifier with.
+
+    pip install ".[baselines]"                                       # scikit-learn
+    python baselines.py --data aclImdb_v1.tar.gz                     # all 25,000 test reviews
+    python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --json baselines.json   # subset C
+
+Trained on the 25,000 train reviews, scored on the test split (or its balanced subset, --limit),
+with the settings of shared/data/README.md (fixed beforehand there, never tuned on test):
+`<br />` becomes a space, text is lowercased (the vectorizers' default), tokens are words (with
+one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
+
+- TF-IDF + LR: TfidfVectorizer(min_df=2, sublinear_tf=True), LogisticRegression(liblinear, C=30).
+- NB-LR (Wang & Manning 2012, with LR instead of the SVM): binary counts x scaled by the
+  log-count ratio r (alpha = 1), LogisticRegression(liblinear, C=1) on x * r.
+- MNB: counts, MultinomialNB(alpha=1) (a generative classifier, like the diffusion one).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import MultinomialNB
+from sklearn.pipeline import make_pipeline
+
+import data
+from bench import print_table
+
+TOKEN_PATTERN = r"(?u)\b\w+(?:'\w+)?\b|[!?]"  # words, words with an inner apostrophe, ! and ?
+
+
+class NBScale(TransformerMixin, BaseEstimator):
+    """x -> x * r, with the log-count ratio r = log((p / |p|_1) / (q / |q|_1)), p = alpha + the
+    feature sums over positive (label 1) rows, q the same over the others (Wang & Manning 2012)."""
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def fit(self, X, y):
+        y = np.asarray(y)
+        p = self.alpha + np.asarray(X[y == 1].sum(0)).ravel()
+        q = self.alpha + np.asarray(X[y != 1].sum(0)).ravel()
+        self.r_ = np.log(p / p.sum()) - np.log(q / q.sum())
+        return self
+
+    def transform(self, X):
+        return X @ sp.diags(self.r_)
+
+
+def baselines() -> dict:
+    """name -> unfitted scikit-learn pipeline from raw (`<br />`-free) text to label."""
+    ngrams = {"ngram_range": (1, 2), "token_pattern": TOKEN_PATTERN}
+    return {
+        "TF-IDF + LR": make_pipeline(TfidfVectorizer(min_df=2, sublinear_tf=True, **ngrams),
+                                     LogisticRegression(solver="liblinear", C=30)),
+        "NB-LR": make_pipeline(CountVectorizer(binary=True, **ngrams), NBScale(alpha=1.0),
+                               LogisticRegression(solver="liblinear", C=1)),
+        "MNB": make_pipeline(CountVectorizer(**ngrams), MultinomialNB(alpha=1.0)),
+    }
+
+
+def texts_and_labels(reviews: list[data.Review]) -> tuple[list[str], np.ndarray]:
+    return [r.text.replace("<br />", " ") for r in reviews], np.array([r.label for r in reviews])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
+    p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    try:
+        train = data.load_imdb("train", args.data)
+        test = data.load_imdb("test", args.data)
+        if args.limit:
+            test = data.balanced_subset(test, args.limit)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    x_train, y_train = texts_and_labels(train)
+    x_test, y_test = texts_and_labels(test)
+
+    results, rows = {}, []
+    for name, pipe in baselines().items():
+        start = time.perf_counter()
+        pipe.fit(x_train, y_train)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        accuracy = float(np.mean(pipe.predict(x_test) == y_test))
+        predict_s = time.perf_counter() - start
+        features = len(pipe[0].vocabulary_)
+        results[name] = {"accuracy": accuracy, "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
+        rows.append({"model": name, "features": f"{features:,}", "test accuracy": f"{100 * accuracy:.2f}%",
+                     "fit s": f"{fit_s:.0f}", "test reviews/s": f"{len(x_test) / predict_s:.0f}"})
+    print_table(f"trained on {len(x_train):,} train reviews, scored on {len(x_test):,} test reviews"
+                + (f" (balanced subset, --limit {args.limit})" if args.limit else ""), rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"n_train": len(x_train), "n_test": len(x_test), "limit": args.limit,
+                                               "models": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

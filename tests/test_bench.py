@@ -1,0 +1,75 @@
+"""bench.py: the FLOPs formula against the multiply-adds the model really does; the naive scorer's result."""
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import classify
+import diffusion
+import model as dit
+from model import DiTConfig
+
+CFG = DiTConfig(vocab_size=97, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=3, n_heads=4)
+
+
+def counted_macs(model, x0, t, masked) -> int:
+    """Multiply-adds of one diffusion.nelbo forward pass, counted as it runs: every nn.Linear call
+    (rows x in_features x out_features, by forward hook) and every attention call (q k^T and
+    weights x v: 2 x L x L x head_dim per sequence and head, from the qkv it is given)."""
+    macs = 0
+
+    def linear(module, inputs, output):
+        nonlocal macs
+        macs += inputs[0].numel() * module.out_features  # = rows x in_features x out_features
+
+    def attention(qkv, attention_mask):
+        nonlocal macs
+        B, L, _, H, D = qkv.shape
+        macs += 2 * B * H * L * L * D
+        return real_attention(qkv, attention_mask)
+
+    real_attention = dit.attention
+    hooks = [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with mock.patch.object(dit, "attention", attention), torch.no_grad():
+        diffusion.nelbo(model, x0, t, masked)
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+@pytest.mark.parametrize("B,L,t", [(3, 32, [0.2, 0.5, 0.9]), (2, 9, [0.7, 0.05])])
+def test_flops_per_token_matches_the_counted_multiply_adds(B, L, t):
+    model = dit.DiT(CFG).eval()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, CFG.vocab_size - 1, (B, L), generator=g)
+    t = torch.tensor(t)
+    masked = diffusion.mask_positions(t, torch.ones(B, L, dtype=torch.bool), g)
+    fraction = int(masked.sum()) / (B * L)
+    # 2 FLOPs per multiply-add, x3 for forward + backward
+    assert bench.flops_per_token(CFG, L, fraction) * B * L == pytest.approx(6 * counted_macs(model, x0, t, masked), rel=1e-9)
+
+
+def test_masked_fraction_is_the_mean_move_chance_of_antithetic_t():
+    t = diffusion.antithetic_t(100_000, torch.Generator().manual_seed(0)).double()
+    assert float(diffusion.move_chance(t).mean()) == pytest.approx(bench.MASKED_FRACTION, abs=1e-5)
+
+
+def test_synthetic_lengths_follow_imdb_test():
+    lengths = np.array(bench.synthetic_lengths(50_000, 10_000, np.random.default_rng(0)))
+    assert np.median(lengths) == pytest.approx(bench.IMDB_TEST_MEDIAN, rel=0.02)
+    assert np.percentile(lengths, 90) == pytest.approx(bench.IMDB_TEST_P90, rel=0.02)
+    assert lengths.mean() == pytest.approx(293, rel=0.03)  # the README's mean too: the lognormal fits the whole shape
+    clipped = bench.synthetic_lengths(50_000, 512, np.random.default_rng(0))
+    assert min(clipped) >= 8 and max(clipped) == 512
+
+
+def test_naive_scorer_equals_score_texts():
+    models = [bench.random_model(CFG, seed).eval() for seed in (0, 1)]
+    g = np.random.default_rng(0)
+    tokens = [g.integers(0, CFG.vocab_size - 1, n).tolist() for n in (5, 32, 17)]
+    fast = classify.score_texts(models, tokens, k=3, seed=4, batch_size=4, device="cpu")
+    naive = bench.score_naive(models, tokens, k=3, seed=4, device="cpu", pad_to=32)
+    np.testing.assert_allclose(naive, fast, rtol=1e-5)
+    assert np.abs(fast[:, 0] - fast[:, 1]).min() > 1e-3  # the two random models really differ
