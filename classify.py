@@ -193,19 +193,24 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-def run(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
-    p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
-    p.add_argument("--ckpt", action="append", default=[], help="class checkpoints in class order (repeat for N classes)")
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The flags classify.py and eval.py share: which texts to score, and how the NELBO is estimated."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): classify all of it")
+    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
     p.add_argument("--mc-samples", type=int, default=4, help="K draws of (t, mask) per text")
     p.add_argument("--batch-size", type=int, default=32, help="sequences (window x draw) per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
+    p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
+    p.add_argument("--ckpt", action="append", default=[], help="class checkpoints in class order (repeat for N classes)")
+    add_scoring_args(p)
     p.add_argument("--json", help="write the summary and per-text posteriors here")
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import data
-from classify import labeled_texts, read_input, score_texts
+from classify import add_scoring_args, labeled_texts, read_input, score_texts
 from convert_hf import load_hf, read_config
 
 
@@ -65,14 +65,7 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
-    data.add_data_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): evaluate all of it")
-    p.add_argument("--limit", type=int, help="a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
-    p.add_argument("--input", help="evaluate your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=int, default=4, help="K draws of (t, mask) per text")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences (window x draw) per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+    add_scoring_args(p)
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
     if args.mc_samples < 1 or args.batch_size < 1:
