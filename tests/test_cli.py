@@ -1,18 +1,14 @@
 """train.py and classify.py end to end on the tiny preset and a fake aclImdb tree (a few steps)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, run_script
 from convert_hf import load_hf
 
 
-def run(*args, stdin=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, env=env)
+def run(script, *args, stdin=None):
+    return run_script(script, *args, stdin=stdin)
 
 
 def train(tree, out, cls, steps, *extra):

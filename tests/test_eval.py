@@ -2,26 +2,17 @@
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import diffusion
+from conftest import FIXTURE, run_script
+from classify import score_texts
+from convert_hf import load_hf, save_checkpoint
+from model import DiT, DiTConfig
 
-import diffusion  # noqa: E402
-from classify import score_texts  # noqa: E402
-from convert_hf import load_hf, save_checkpoint  # noqa: E402
-from model import DiT, DiTConfig  # noqa: E402
-
-FIXTURE = Path(__file__).parent / "fixtures" / "mdlm_tiny"
-if not FIXTURE.is_dir():
-    FIXTURE = ROOT.parent / "shared" / "fixtures" / "mdlm_tiny"
 MASK = 63  # fixture: vocab_size 64
 TEXTS = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7]]  # two lengths, so batches hold padding
 
@@ -127,7 +118,6 @@ def workdir(tmp_path_factory):
     """An aclImdb-shaped folder and two fresh tiny checkpoints. A fresh DiT's output layer has zero
     weights, so its SUBS distribution is softmax(output bias) at every position, whatever the
     context: 'uniform' keeps the zero bias; 'pos' raises the bias of every token of the positive reviews."""
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
     root = tmp_path_factory.mktemp("eval")
     for split in ("train", "test"):
         for label, texts in REVIEWS.items():
@@ -146,10 +136,7 @@ def workdir(tmp_path_factory):
 
 
 def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))  # offline GPT-2 BPE
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return run_script("eval.py", *args)
 
 
 def test_eval_cli_confusion_of_likelihoods(workdir):

@@ -1,23 +1,14 @@
 """Ancestral sampling (diffusion.ddpm / ddpm_cache) and the sample.py CLI, on the tiny fixture model."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import diffusion
+from conftest import FIXTURE, run_script
+from convert_hf import load_hf, save_checkpoint
+from model import DiT, DiTConfig
 
-import diffusion  # noqa: E402
-from convert_hf import load_hf, save_checkpoint  # noqa: E402
-from model import DiT, DiTConfig  # noqa: E402
-
-FIXTURE = Path(__file__).parent / "fixtures" / "mdlm_tiny"
-if not FIXTURE.is_dir():
-    FIXTURE = ROOT.parent / "shared" / "fixtures" / "mdlm_tiny"
 MASK = 63  # fixture: vocab_size 64, model_length 32
 SAMPLERS = [diffusion.ddpm, diffusion.ddpm_cache]
 
@@ -196,10 +187,7 @@ def gpt2_ckpt(tmp_path_factory):
 
 
 def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))  # offline GPT-2 BPE
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return run_script("sample.py", *args)
 
 
 def test_sample_cli_jsonl_prompt_and_cache(gpt2_ckpt):
