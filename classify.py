@@ -21,12 +21,14 @@ From the shell:
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -44,6 +46,8 @@ def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, b
     a text that fits is one window. Window w of text i uses the draws of seed
     `seed * 1_000_003 + i + w * 2**40` for every model (common random numbers), whatever batch it
     lands in. batch_size counts sequences per forward pass (window x draw), so memory does not grow with k.
+    Under torchrun (torch.distributed initialised) each rank scores every world-th batch and the
+    results are summed across ranks, so every rank returns the same array as one process would.
     """
     max_len = models[0].config.model_length
     pieces, owners, seeds = [], [], []
@@ -54,17 +58,42 @@ def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, b
             seeds.append(seed * 1_000_003 + i + w * 2**40)
     lengths = [len(ids) for ids in pieces]
     per_piece = np.zeros((len(pieces), len(models)))
-    batches = data.length_batches(lengths, max(1, batch_size // k))
-    for idx in tqdm(batches, desc="scoring", disable=not progress, unit="batch"):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = data.length_batches(lengths, max(1, batch_size // k))[rank::world]  # under torchrun: every world-th batch
+    for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch"):
         t, masked = diffusion.per_text_draws([lengths[i] for i in idx], k, [seeds[i] for i in idx])
         x0, attention_mask = data.collate([pieces[i] for i in idx], device)
         x0, attention_mask = x0.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
         t, masked = t.to(device), masked.to(device)
         for c, model in enumerate(models):
             per_piece[idx, c] = diffusion.nelbo(model, x0, t, masked, attention_mask).view(len(idx), k).mean(1).double().cpu().numpy()
+    if world > 1:  # every rank filled only its own rows: the sum gathers them all, on every rank
+        gathered = torch.from_numpy(per_piece).to(device)
+        dist.all_reduce(gathered)
+        per_piece = gathered.cpu().numpy()
     out = np.zeros((len(token_lists), len(models)))
     np.add.at(out, owners, per_piece)
     return out
+
+
+def init_distributed() -> tuple[int, int, str]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE set) join the process group: NCCL with
+    one GPU per process (LOCAL_RANK), gloo on CPU. A plain `python script.py` is rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = "cpu"
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def fail(message: str):
+    """Exit with a one-line error. Under torchrun every rank meets the same error; rank 0 says it."""
+    raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def posteriors(nelbo: np.ndarray) -> np.ndarray:
@@ -163,16 +192,21 @@ def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     return {"accuracy": float(np.mean(labels == pred)), "confusion_matrix": cm.tolist(), "per_class": per_class}
 
 
-def read_input(path: str) -> list[str]:
-    """One text per line from a file or '-' (stdin); blank lines are skipped."""
+def read_input(path: str) -> tuple[list[str], list[int]]:
+    """One text per line from a file or '-' (stdin): (texts, their line numbers, from 1).
+
+    Blank lines are skipped; the line numbers keep results aligned with the file. A line longer
+    than model_length tokens is scored whole, in windows (score_texts). Raises DataError for a
+    missing file, a line that is not UTF-8 (named), or no text at all.
+    """
     if path != "-" and not Path(path).is_file():
         raise data.DataError(f"--input {path}: no such file")
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    with stream:
-        texts = [line.rstrip("\n") for line in stream if line.strip()]
-    if not texts:
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    lines = [(n, data.decode_utf8(line, f"--input {path} line {n}")) for n, line in enumerate(raw.splitlines(), 1)]
+    lines = [(n, text) for n, text in lines if text.strip()]
+    if not lines:
         raise data.DataError(f"--input {path}: no text (expected one text per line)")
-    return texts
+    return [text for _, text in lines], [n for n, _ in lines]
 
 
 def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
@@ -190,7 +224,10 @@ def main(argv=None):
     try:
         run(argv)
     except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -198,10 +235,10 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
-    p.add_argument("--limit", type=int, help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
+    p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=int, default=4, help="K draws of (t, mask) per text")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences (window x draw) per forward pass")
+    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K draws of (t, mask) per text")
+    p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
 
 
@@ -216,13 +253,12 @@ def run(argv=None):
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
     if len(paths) < 2:
         p.error("give at least two class checkpoints (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
-    if args.mc_samples < 1 or args.batch_size < 1:
-        p.error("--mc-samples and --batch-size must be >= 1")
 
-    clf = DiffusionClassifier.from_checkpoints(paths, None, args.mc_samples, args.seed, args.batch_size)
+    rank, world, device = init_distributed()
+    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size)
     names, max_len = clf.classes, clf.models[0].config.model_length
     if args.input:
-        texts, labels = read_input(args.input), None
+        (texts, lines), labels = read_input(args.input), None
     else:
         reviews, data_names = labeled_texts(args)
         unknown = [n for n in data_names if n not in names]
@@ -235,15 +271,21 @@ def run(argv=None):
     start = time.perf_counter()
     nelbo = clf.score(tokens, progress=True)
     seconds = time.perf_counter() - start
+    if rank > 0:  # every rank holds every result (score_texts gathers them); rank 0 reports
+        return
     post = posteriors(nelbo)
     pred = post.argmax(1)
 
     summary = {"n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
-               "seed": args.seed, "device": str(clf.device), "seconds": seconds, "texts_per_s": len(texts) / seconds,
-               "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
+               "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
+               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
     if labels is None:
-        for c, pr, text in zip(pred, post, texts):
-            print(f"{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
+        summary.update(input=args.input, lines=lines)
+        print(f"{len(texts)} texts from --input {args.input} (blank lines skipped); {summary['windowed_texts']} "
+              f"longer than {max_len} tokens scored whole in windows", file=sys.stderr)
+        print("line\tclass\tposterior\ttext")
+        for n, c, pr, text in zip(lines, pred, post, texts):
+            print(f"{n}\t{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
     else:
         source = args.test_data or f"{args.split} split"
         summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
@@ -264,7 +306,8 @@ def run(argv=None):
     if args.json:
         summary["texts"] = [{"label": None if labels is None else int(labels[i]), "pred": int(pred[i]),
                              "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
-                             "n_tokens": len(tokens[i])} for i in range(len(texts))]
+                             "n_tokens": len(tokens[i]), **({"line": lines[i]} if labels is None else {})}
+                            for i in range(len(texts))]
         Path(args.json).write_text(json.dumps(summary, indent=1))
 
 

@@ -31,14 +31,19 @@ class CheckpointError(ValueError):
 
 
 def read_config(folder: Path) -> tuple[DiTConfig, dict]:
-    """config.json -> (DiTConfig, the whole JSON dict). Raises CheckpointError on a missing or mistyped field."""
+    """config.json -> (DiTConfig, the whole JSON dict). Raises CheckpointError for a missing folder or
+    file, invalid JSON, or a field that is missing, mistyped or out of range (named)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (a checkpoint folder needs {CONFIG} and {WEIGHTS})")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
     fields = {}
     for f in dataclasses.fields(DiTConfig):
         if f.name not in raw:
@@ -48,12 +53,20 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
                                                             and (kind is float or isinstance(value, int)))
         if not ok:
             raise CheckpointError(f"{path}: field '{f.name}' should be {kind.__name__}, got {value!r}")
+        if kind is int and value < 1:
+            raise CheckpointError(f"{path}: field '{f.name}' should be >= 1, got {value}")
         fields[f.name] = kind(value)
-    return DiTConfig(**fields), raw
+    cfg = DiTConfig(**fields)
+    if cfg.hidden_dim % cfg.n_heads or cfg.hidden_dim // cfg.n_heads % 2:
+        raise CheckpointError(f"{path}: hidden_dim {cfg.hidden_dim} should split into n_heads {cfg.n_heads} heads of even size (rotary)")
+    if not 0 <= cfg.dropout < 1:
+        raise CheckpointError(f"{path}: field 'dropout' should be in [0, 1), got {cfg.dropout}")
+    return cfg, raw
 
 
 def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
-    """Map `backbone.*` tensors onto model's state-dict names; raise CheckpointError naming every mismatch."""
+    """Map `backbone.*` tensors onto model's state-dict names; raise CheckpointError naming every
+    missing, unexpected, wrong-shape or non-finite tensor."""
     expected = model.state_dict()
     mapped, unexpected = {}, []
     for key, value in tensors.items():
@@ -65,8 +78,9 @@ def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
     missing = [PREFIX + k for k in expected if k not in mapped]
     wrong = [f"{PREFIX}{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
              for k, v in mapped.items() if v.shape != expected[k].shape]
+    not_finite = [PREFIX + k for k, v in mapped.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)] if keys]
+                [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("NaN or inf in", not_finite)] if keys]
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     inv_freq = "rotary_emb.inv_freq"
@@ -77,18 +91,36 @@ def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
 
 
 def resolve(path_or_repo_id: str) -> Path:
-    """A local folder as is; anything else is a hub repo id, downloaded with huggingface_hub."""
+    """A local folder as is; anything else is a hub repo id, downloaded with huggingface_hub.
+
+    Raises CheckpointError when it is neither: a file, a missing folder, a repo the hub does not
+    have, or a hub that cannot be reached (the message says how to pass a local snapshot instead).
+    """
     if os.path.isdir(path_or_repo_id):
         return Path(path_or_repo_id)
+    if os.path.exists(path_or_repo_id):
+        raise CheckpointError(f"{path_or_repo_id}: a file; expected a checkpoint folder ({CONFIG} + {WEIGHTS}) or a hub repo id")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(path_or_repo_id, allow_patterns=[CONFIG, WEIGHTS]))
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(path_or_repo_id, allow_patterns=[CONFIG, WEIGHTS]))
+    except HFValidationError:  # e.g. runs/ckpt/neg: not a repo id, so a folder that is not there
+        raise CheckpointError(f"{path_or_repo_id}: no such checkpoint folder") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{path_or_repo_id}: no such checkpoint folder here, nor repo on the Hugging Face hub") from None
+    except LocalEntryNotFoundError:  # no network (or HF_HUB_OFFLINE=1) and not in the local hub cache
+        raise CheckpointError(
+            f"{path_or_repo_id}: not a folder here, and the Hugging Face hub is unreachable; on a machine with network run "
+            f"`hf download {path_or_repo_id} {CONFIG} {WEIGHTS} --local-dir DIR`, copy DIR here and pass DIR instead "
+            f"(train.py --init DIR, convert_hf.py --repo DIR)") from None
 
 
 def load_hf(path_or_repo_id: str = DEFAULT_REPO) -> DiT:
     """A DiT in eval mode, float32, from a checkpoint folder or a Hugging Face repo id.
 
-    Raises CheckpointError (a ValueError) when config.json or model.safetensors is missing,
-    unreadable or does not match the model; the message names the file and the keys.
+    Raises CheckpointError (a ValueError) when the folder or repo cannot be had (see resolve), or
+    config.json or model.safetensors is missing, unreadable or does not match the model; the
+    message names the file and the keys.
     """
     folder = resolve(path_or_repo_id)
     cfg, _ = read_config(folder)
@@ -131,7 +163,10 @@ def main():
     p.add_argument("--repo", default=DEFAULT_REPO, help="hub repo id or local snapshot folder")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     args = p.parse_args()
-    model = load_hf(args.repo)
+    try:
+        model = load_hf(args.repo)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
     save_checkpoint(model.state_dict(), model.config, args.out, {"source": args.repo})
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.repo} -> {args.out} ({n / 1e6:.1f}M parameters, {len(model.state_dict())} tensors)")

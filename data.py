@@ -18,6 +18,7 @@ context (`model_length`: 1024 tokens for `small`, which holds 98% of IMDB review
 `tiny`, 87%) are never truncated: training takes a random window of model_length tokens at each
 visit (`crop`), scoring splits the text into disjoint windows (`windows`) and sums their NELBOs.
 """
+import argparse
 import csv
 import json
 import os
@@ -90,16 +91,37 @@ def load_imdb(split: str, path: str | None = None) -> list[Review]:
             for member in tar:  # one pass over the gzip stream (~6 s for the whole archive)
                 m = REVIEW_PATH.search(member.name)
                 if member.isfile() and m and _split_of(m[1], m[2]) == split:
-                    reviews.append(_review(*m.groups(), tar.extractfile(member).read().decode("utf-8")))
+                    reviews.append(_review(*m.groups(), decode_utf8(tar.extractfile(member).read(), f"{root}:{member.name}")))
     else:
         base = root / "aclImdb" if (root / "aclImdb").is_dir() else root
         for file in (base / ("train" if split == "unsup" else split)).glob("*/*.txt"):
             m = REVIEW_PATH.search("aclImdb/" + file.relative_to(base).as_posix())
             if m and _split_of(m[1], m[2]) == split:
-                reviews.append(_review(*m.groups(), file.read_text(encoding="utf-8")))
+                reviews.append(_review(*m.groups(), decode_utf8(file.read_bytes(), file)))
     if not reviews:
         raise DataError(f"--data {root}: no {split} reviews found (expected aclImdb/{split}/{{pos,neg}}/<id>_<rating>.txt)")
     return sorted(reviews, key=lambda r: (r.label, r.id))
+
+
+def decode_utf8(raw: bytes, where) -> str:
+    """raw bytes -> str; DataError naming `where` (file, line) if they are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def positive(kind=int):
+    """An argparse `type`: a number > 0 (int: >= 1), so `--batch-size 0` or `--lr -1` is a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def add_data_args(parser) -> None:
@@ -126,6 +148,9 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
         return load_imdb(split, path), list(CLASSES)
     reviews, names = read_labeled(path, text_field, label_field)
     train, test = train_val_split(reviews, TEST_FRACTION, seed=0)
+    if split == "test" and not test:
+        raise DataError(f"{path}: the test split is empty (it holds out {TEST_FRACTION:.0%} of each class, which rounds "
+                        "to none for classes this small); pass a separate --test-data")
     return {"train": train, "test": test, "unsup": []}[split], names
 
 
@@ -171,7 +196,8 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
 
 def _jsonl_rows(path: Path, text_field: str, label_field: str):
     """(where, text, label) of every non-blank line; text and label None where the key is missing."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        line = decode_utf8(raw, f"{path} line {n}")
         if line.strip():
             try:
                 row = json.loads(line)
@@ -202,7 +228,7 @@ def _folder_rows(root: Path):
     """(file, text, sub-folder name) of every <root>/<label>/*.txt."""
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         for file in sorted(folder.glob("*.txt")):
-            yield str(file), file.read_text(encoding="utf-8"), folder.name
+            yield str(file), decode_utf8(file.read_bytes(), file), folder.name
 
 
 def train_val_split(reviews: list[Review], val_fraction: float = 0.05, seed: int = 0) -> tuple[list[Review], list[Review]]:

@@ -27,7 +27,7 @@ import torch
 
 import data
 from classify import add_scoring_args, labeled_texts, read_input, score_texts
-from convert_hf import load_hf, read_config
+from convert_hf import CheckpointError, load_hf, read_config
 
 
 def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
@@ -55,7 +55,7 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
     """(texts, group of each text, the groups in table order): labeled texts grouped by class name
     (classify.labeled_texts), or the lines of --input (group 'input')."""
     if args.input:
-        texts = read_input(args.input)
+        texts, _ = read_input(args.input)
         return texts, ["input"] * len(texts), ["input"]
     reviews, names = labeled_texts(args)
     groups = [names[r.label] for r in reviews]
@@ -68,32 +68,27 @@ def main(argv=None):
     add_scoring_args(p)
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
-    if args.mc_samples < 1 or args.batch_size < 1:
-        p.error("--mc-samples and --batch-size must be >= 1")
     if args.input and (args.limit or args.data or args.test_data):
         p.error("--limit, --data and --test-data select labeled texts; they do not apply to --input")
-
     try:
-        names = [checkpoint_name(path) for path in args.ckpt]
-        texts, groups, group_names = load_texts(args)  # table rows: the classes (or input)
-        tokens = data.encode(texts)
-    except (ValueError, FileNotFoundError) as e:
+        run(args)
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
+
+
+def run(args):
+    names = [checkpoint_name(path) for path in args.ckpt]
+    texts, groups, group_names = load_texts(args)  # table rows: the classes (or input)
+    tokens = data.encode(texts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     groups = np.array(groups)
     n_tokens = np.array([len(ids) for ids in tokens])
     per_text = np.zeros((len(texts), len(args.ckpt)))               # NELBO in nats, text x checkpoint
     results, start = [], time.perf_counter()
     for m, path in enumerate(args.ckpt):
-        try:
-            model = load_hf(path).to(device)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        model = load_hf(path).to(device)
         cfg = model.config
-        try:
-            data.check_vocab(cfg.vocab_size, path)
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
+        data.check_vocab(cfg.vocab_size, path)
         per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device, progress=True)[:, 0]
         for g in group_names:
             rows = groups == g

@@ -21,7 +21,7 @@ import torch
 
 import data
 import diffusion
-from convert_hf import load_hf
+from convert_hf import CheckpointError, load_hf
 
 GPT2_VOCAB = 50257  # tiktoken "gpt2" ids 0..50256; the model adds the mask token after them
 
@@ -29,21 +29,18 @@ GPT2_VOCAB = 50257  # tiktoken "gpt2" ids 0..50256; the model adds the mask toke
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--steps", type=int, default=1000, help="reverse steps T (model calls without --cache)")
-    p.add_argument("--length", type=int, help="tokens per sample, prompt included (default: the model's model_length)")
+    p.add_argument("--num-samples", type=data.positive(), default=1)
+    p.add_argument("--steps", type=data.positive(), default=1000, help="reverse steps T (model calls without --cache)")
+    p.add_argument("--length", type=data.positive(), help="tokens per sample, prompt included (default: the model's model_length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of p_theta(x0 | x_t); 1 = off")
     p.add_argument("--prompt", help="text whose tokens are fixed as the prefix of every sample")
     p.add_argument("--jsonl", action="store_true", help="write one JSON object per sample")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the model output while no token changes (ddpm_cache; same samples, fewer calls)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    p.add_argument("--batch-size", type=data.positive(), default=8, help="samples generated together")
     p.add_argument("--out", help="output file (default: stdout)")
     args = p.parse_args(argv)
-    for name in ("num_samples", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p {args.top_p}: must be in (0, 1]")
     return args
@@ -58,20 +55,12 @@ def start_state(n: int, length: int, prompt_ids: list[int], mask_index: int) -> 
     return xt, fixed
 
 
-def load_model(path: str):
-    """load_hf with a one-line error (exit) for a folder that is missing or does not match the model."""
-    try:
-        return load_hf(path)
-    except ValueError as e:  # CheckpointError: names the file and keys
-        sys.exit(f"error: {e}")
-    except (OSError, ImportError) as e:  # not a local folder, and the hub could not provide it
-        sys.exit(f"error: --ckpt {path}: not a checkpoint folder here, and not found on the hub "
-                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    model = load_model(args.ckpt)
+    try:
+        model = load_hf(args.ckpt)
+    except CheckpointError as e:  # names the folder or file and the keys
+        sys.exit(f"error: {e}")
     cfg = model.config
     mask_index = cfg.vocab_size - 1
     if mask_index > GPT2_VOCAB:

@@ -17,28 +17,49 @@ validated, saved as model.safetensors and used by classify.py. Both class models
 with identical flags (only --class differs).
 
 Output folder: config.json (model config + training facts), model.safetensors (EMA weights, HF
-layout), train_state.safetensors + train_state.json (raw weights, AdamW moments; for --resume),
-log.jsonl (training loss and validation NELBO).
+layout), train_state.safetensors (raw weights, EMA, AdamW moments and the step: all that --resume
+needs, in one file), log.jsonl (training loss and validation NELBO). Every file is written to a
+temporary name and renamed, so killing the job at any moment leaves the previous checkpoint
+loadable. SIGINT (Ctrl-C) or SIGTERM: finish the step, save, exit (a second Ctrl-C leaves at once).
+--resume continues exactly: the data order, windows, t, masks and dropout of micro-batch m depend
+only on m and --seed, and the lr only on the step.
+
+Several GPUs (or CPU processes, with gloo): `torchrun --standalone --nproc_per_node=N train.py ...`.
+Each optimizer step still takes --grad-accum micro-batches of --batch-size texts (the global batch
+does not change with N): process r runs micro-batches r, r + N, ... of each step, DDP averages
+the gradients, and only rank 0 logs and writes checkpoints. So N processes follow the same loss
+trajectory as one, up to float rounding. --grad-accum must be a multiple of N.
 """
 import argparse
 import copy
 import json
 import math
+import signal
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import diffusion
-from classify import score_texts
-from convert_hf import DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
+from classify import fail, init_distributed, score_texts
+from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
 from model import DiT, PRESETS
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
+STATE = "train_state.safetensors"
+# the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
+# --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
+TRAJECTORY = ("cls", "init", "preset", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
+              "text_field", "label_field")
 
 
 def parse_args(argv=None):
@@ -48,25 +69,25 @@ def parse_args(argv=None):
     data.add_data_args(p)
     p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
-    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=data.positive(), default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
+    p.add_argument("--grad-accum", type=data.positive(), default=1,
+                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum)")
+    p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--eval-every", type=int, default=100, help="validate and checkpoint every N steps")
-    p.add_argument("--val-reviews", type=int, default=256, help="held-out texts per class used for validation")
+    p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
+    p.add_argument("--val-reviews", type=data.positive(), default=256, help="held-out texts per class used for validation")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = p.parse_args(argv)
     if args.preset and args.init != "scratch":
         p.error("--preset applies to --init scratch only (a loaded checkpoint brings its own config)")
-    for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "val_reviews"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr is not None and args.lr <= 0:
-        p.error("--lr must be > 0")
+    if args.warmup_steps < 0:
+        p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
     return args
 
@@ -91,7 +112,7 @@ def init_model(args) -> DiT:
 
 
 def lr_at(step: int, args) -> float:
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps)
+    return args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
 
 
 @torch.no_grad()
@@ -104,26 +125,42 @@ def ema_update(ema: DiT, model: DiT, step: int, decay: float) -> None:
 
 
 def save(args, model, ema, opt, step, meta):
-    out = Path(args.out)
+    """train_state.safetensors first (one file, so it is always a whole state), then the EMA export."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, p in enumerate(model.parameters()):
         for k, v in opt.state.get(p, {}).items():
             if k != "step":  # the step count is `step`
                 state[f"adam.{i}.{k}"] = v
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "train_state.safetensors",
-                 lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p))
-    atomic_write(out / "train_state.json", lambda p: p.write_text(json.dumps({"step": step})))
+    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"])}
+    atomic_write(out / STATE, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p, metadata))
     save_checkpoint(ema.state_dict(), ema.config, out, {**meta, "step": step})
 
 
 def resume(args, model, ema, opt) -> int:
-    """Load raw weights, AdamW moments and EMA from --out; returns the step to continue from."""
-    out = Path(args.out)
-    step = json.loads((out / "train_state.json").read_text())["step"]
-    state = load_file(out / "train_state.safetensors")
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
-    ema.load_state_dict(load_hf(str(out)).state_dict(), strict=True)
+    """Restore raw weights, EMA and AdamW moments from --out/train_state.safetensors; returns its step.
+    Raises CheckpointError if the file is missing or unreadable, does not fit the model, or was
+    written with other TRAJECTORY flags."""
+    path = Path(args.out, STATE)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {path} not found (nothing to resume; leave out --resume to start)")
+    try:
+        with safe_open(path, "pt") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        saved = json.loads(meta["train_args"])
+        step = int(meta["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable train state ({type(e).__name__}: {e})") from None
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed) + "; these flags must not change")
+    try:
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+        ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
     for i, p in enumerate(model.parameters()):
         if f"adam.{i}.exp_avg" in state:
             opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": state[f"adam.{i}.exp_avg"].to(p.device),
@@ -131,16 +168,47 @@ def resume(args, model, ema, opt) -> int:
     return step
 
 
+def cut_log(path: Path, step: int) -> None:
+    """Keep the log records of steps <= step: what came after the checkpoint (before a kill) is redone."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                records.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            pass
+    atomic_write(path, lambda p: p.write_text("".join(records)))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    stop = []  # the signal that asked us to stop; acted on at the end of a step
+    def on_signal(signum, frame):
+        if stop:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        stop.append(signum)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(args)
+        train(args, stop)
     except (CheckpointError, data.DataError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail(f"error: interrupted twice: exited without saving; the last checkpoint in {args.out} is intact")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def train(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def train(args, stop: list):
+    out = Path(args.out)
+    if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
+        raise data.DataError(f"--out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
+    rank, world, device = init_distributed()
+    if args.grad_accum % world:
+        raise data.DataError(f"--grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
+                             f"(each runs grad-accum / {world} micro-batches per step)")
     reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     cls = class_index(args.cls, classes)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
@@ -154,73 +222,111 @@ def train(args):
     max_len = model.config.model_length
     tokens = data.encode([r.text for r in train if cls is None or r.label == cls])
     val_tokens = data.encode([v.text for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]])
+    if not val_tokens:
+        raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
     lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "tokenizer": "gpt2",
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
-    if args.resume and not Path(args.out, "train_state.json").is_file():
-        raise SystemExit(f"error: --resume: no checkpoint in {args.out} (train_state.json not found)")
     step = resume(args, model, ema, opt) if args.resume else 0
+    last_saved = step if args.resume else None
+    if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
+        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
+        ddp.config = model.config  # diffusion.nelbo reads it
+    else:
+        ddp = model
     n_params = sum(p.numel() for p in model.parameters())
     n_long = sum(len(ids) > max_len for ids in tokens)
-    print(f"class {name} ({len(classes)} classes): {len(tokens)} train / {len(val_tokens)} val texts, "
-          f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
-          f"{n_params / 1e6:.1f}M parameters on {device}; lr {args.lr}")
+    if rank == 0:
+        print(f"class {name} ({len(classes)} classes): {len(tokens)} train / {len(val_tokens)} val texts, "
+              f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
+              f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
     def validate():
         n = score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device)[:, 0]
         nats = float(n.sum() / sum(len(ids) for ids in val_tokens))
+        if not math.isfinite(nats):
+            fail(f"error: validation NELBO is {nats} at step {step}; not saved, {intact()}")
         return {"val_nats_per_token": nats, "val_ppl_bound": math.exp(nats)}
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    log = open(Path(args.out, "log.jsonl"), "a")
+    def intact():
+        return f"the last checkpoint in {out} (step {last_saved}) is intact" if last_saved is not None else "no checkpoint was written"
+
+    log = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for junk in [*out.glob("*.tmp"), *out.glob(".tmp*")]:  # left by a save that was killed (ours, safetensors')
+            junk.unlink()
+        cut_log(out / "log.jsonl", step if args.resume else -1)  # a new run: a new log
+        log = open(out / "log.jsonl", "a")
     if step == 0:
-        log.write(json.dumps({"step": 0, **validate()}) + "\n")
+        record = validate()
+        if rank == 0:
+            log.write(json.dumps({"step": 0, **record}) + "\n")
     n_batches = len(data.length_batches(lengths, args.batch_size))
     epoch, batches = -1, []
-    micro = step * args.grad_accum  # global micro-batch index: the data order depends only on it and --seed
-    bar = tqdm(total=args.max_steps, initial=step, unit="step")
+    mine = range(rank, args.grad_accum, world)  # this process's micro-batches of every step: a distinct shard
+    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank > 0)
     tokens_seen, train_seconds = 0, 0.0
     while step < args.max_steps:
         t0 = time.perf_counter()
-        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout: reproducible on resume
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss_sum = 0.0
-        for _ in range(args.grad_accum):
-            if micro // n_batches != epoch:  # a new epoch: a new seeded shuffle
-                epoch = micro // n_batches
+        loss_sum, n_tokens = 0.0, 0
+        for j in mine:
+            m = step * args.grad_accum + j  # global micro-batch index: what it holds depends only on m and --seed
+            if m // n_batches != epoch:  # a new epoch: a new seeded shuffle
+                epoch = m // n_batches
                 batches = data.length_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch]))
-            idx = batches[micro % len(batches)]
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + micro)
+            idx = batches[m % n_batches]
+            torch.manual_seed(args.seed * 1_000_003 + m)  # dropout
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + m)  # windows, t, masks
             t = diffusion.antithetic_t(len(idx), g, device)
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx], device)
             masked = diffusion.mask_positions(t, attention_mask.cpu(), g).to(device)
-            n_tokens = attention_mask.sum()
-            loss = diffusion.nelbo(model, x0, t, masked, attention_mask).sum() / n_tokens  # nats / token
-            (loss / args.grad_accum).backward()
+            with ddp.no_sync() if world > 1 and j != mine[-1] else nullcontext():  # all-reduce once per step
+                loss = diffusion.nelbo(ddp, x0, t, masked, attention_mask).sum() / attention_mask.sum()  # nats / token
+                (loss / len(mine)).backward()  # DDP's mean over processes completes the mean over micro-batches
             loss_sum += loss.item() / args.grad_accum
-            tokens_seen += int(n_tokens)
-            micro += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not math.isfinite(loss_sum):
-            raise SystemExit(f"error: loss is {loss_sum} at step {step}; the last checkpoint in {args.out} is intact")
+            n_tokens += int(attention_mask.sum())
+        # one all-reduce for what every rank must agree on: the step's loss, its tokens, and whether to stop
+        agreed = torch.tensor([loss_sum, n_tokens, len(stop)], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(agreed)
+        loss_sum, n_tokens, stopping = agreed.tolist()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
+                             f"stopped before the update, {intact()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, model, step, args.ema_decay)
         step += 1
         train_seconds += time.perf_counter() - t0
+        tokens_seen += n_tokens
         rate = tokens_seen / train_seconds
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:.0f}")
-        record = {"step": step, "loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr_at(step - 1, args), "tokens_per_s": rate}
-        if step % args.eval_every == 0 or step == args.max_steps:
+        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
+        checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
+        if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())
-            save(args, model, ema, opt, step, meta)
-            bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token, "
-                      f"ppl <= {record['val_ppl_bound']:.1f}, {rate:.0f} tokens/s")
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+            if rank == 0:
+                bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token, "
+                          f"ppl <= {record['val_ppl_bound']:.1f}, {rate:.0f} tokens/s")
+        if rank == 0:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if checkpoint:
+            if rank == 0:
+                save(args, model, ema, opt, step, meta)
+            last_saved = step
+        if stopping:
+            signum = stop[0] if stop else signal.SIGTERM
+            if rank == 0:
+                print(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved in {out}; "
+                      "continue with --resume", file=sys.stderr)
+            raise SystemExit(128 + signum)
     bar.close()
 
 

@@ -66,9 +66,10 @@ def imdb_tree(tmp_path):
     return make_imdb_tree(tmp_path / "imdb")
 
 
-def run_script(script: str, *args, stdin: str | None = None):
-    """Run one of the project's CLIs in a subprocess (one thread: tiny models run fastest so)."""
+def run_script(script: str, *args, stdin: str | None = None, env: dict | None = None):
+    """Run one of the project's CLIs in a subprocess (one thread: tiny models run fastest so), with
+    extra environment variables `env`."""
     import subprocess
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, input=stdin, env=env, timeout=300)

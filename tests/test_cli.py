@@ -76,8 +76,11 @@ def test_classify_user_texts_from_stdin(class_models):
     result = run("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--input", "-",
                  stdin="a wonderful film\n\nan awful film\n")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(line.split("\t")[0] in ("neg", "pos") for line in lines)
+    header, *rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert header == ["line", "class", "posterior", "text"]
+    assert [r[0] for r in rows] == ["1", "3"] and all(r[1] in ("neg", "pos") and 0.5 <= float(r[2]) <= 1 for r in rows)
+    assert [r[3] for r in rows] == ["a wonderful film", "an awful film"]
+    assert "2 texts from --input - (blank lines skipped)" in result.stderr
 
 
 @pytest.mark.parametrize("swap, words", [

@@ -1,0 +1,75 @@
+"""torchrun on CPU (gloo, 2 processes): the same training run and the same scores as 1 process."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+from conftest import ROOT, run_script
+from convert_hf import save_checkpoint
+from model import DiT, PRESETS
+
+TOLERANCE = 1e-6  # losses, grad norms, NELBOs (relative and absolute) and weights; measured: weights 7.5e-9 apart, grad norm 1.2e-7 relative
+
+
+def torchrun(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_args(tree, out, *extra):
+    return ["--class", "1", "--data", tree, "--init", "scratch", "--preset", "tiny", "--lr", "1e-3", "--max-steps", 4,
+            "--batch-size", 2, "--eval-every", 2, "--val-reviews", 2, "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from conftest import make_imdb_tree
+    return make_imdb_tree(tmp_path_factory.mktemp("ddp") / "imdb")
+
+
+def test_two_processes_follow_the_one_process_trajectory(tree, tmp_path):
+    one = run_script("train.py", *train_args(tree, tmp_path / "one", "--grad-accum", 4))
+    assert one.returncode == 0, one.stderr
+    two = torchrun("train.py", *train_args(tree, tmp_path / "two", "--grad-accum", 4))
+    assert two.returncode == 0, two.stderr
+    assert "on cpu x 2" in two.stdout and two.stdout.count("class pos") == 1  # rank 0 alone reports
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "val_nats_per_token"):
+        a, b = ([r[key] for r in log if key in r] for log in logs)
+        assert len(a) == len(b) > 0 and np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE), (key, a, b)
+    sa, sb = (load_file(tmp_path / run / "train_state.safetensors") for run in ("one", "two"))
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOLERANCE
+
+
+def test_grad_accum_must_split_over_the_processes(tree, tmp_path):
+    result = torchrun("train.py", *train_args(tree, tmp_path / "bad", "--grad-accum", 3))
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: --grad-accum 3: must be a multiple of the 2 processes")
+    assert result.stderr.count("error: --grad-accum") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_classify_splits_texts_over_processes_and_gathers_them(tree, tmp_path):
+    for c, name in enumerate(data.CLASSES):
+        torch.manual_seed(c)
+        model = DiT(PRESETS["tiny"])
+        save_checkpoint(model.state_dict(), model.config, tmp_path / name,
+                        {"class_index": c, "class_name": name, "classes": list(data.CLASSES)})
+    args = ["--ckpt0", tmp_path / "neg", "--ckpt1", tmp_path / "pos", "--data", tree, "--limit", 12, "--mc-samples", 2,
+            "--batch-size", 4]
+    one = run_script("classify.py", *args, "--json", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = torchrun("classify.py", *args, "--json", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("confusion matrix") == 1
+    a, b = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("one", "two"))
+    assert b["processes"] == 2 and a["confusion_matrix"] == b["confusion_matrix"]
+    nelbo_a, nelbo_b = (np.array([t["nelbo"] for t in s["texts"]]) for s in (a, b))
+    assert nelbo_a.shape == (12, 2) and np.abs(nelbo_a - nelbo_b).max() <= TOLERANCE

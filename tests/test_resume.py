@@ -1,0 +1,133 @@
+"""Crash safety and exact resume of train.py on the tiny preset (CPU, subprocesses, a few steps)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+from convert_hf import load_hf
+
+TOLERANCE = 1e-6  # max |difference| of any weight, EMA weight or AdamW moment (measured: 0.0, bitwise equal)
+
+
+def train_args(tree, out, steps, *extra):
+    return ["--class", "0", "--data", str(tree), "--init", "scratch", "--preset", "tiny", "--lr", "1e-3",
+            "--warmup-steps", "2", "--ema-decay", "0.9", "--max-steps", str(steps), "--batch-size", "2",
+            "--grad-accum", "2", "--eval-every", "2", "--val-reviews", "2", "--out", str(out), *extra]
+
+
+def start(args, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True, **popen)
+
+
+def steps_logged(out) -> list[int]:
+    path = out / "log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def state_step(out) -> int:
+    with safe_open(out / "train_state.safetensors", "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def exported_step(out) -> int:
+    path = out / "config.json"
+    return json.loads(path.read_text())["step"] if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from conftest import make_imdb_tree
+    root = tmp_path_factory.mktemp("resume")
+    tree = make_imdb_tree(root / "imdb")
+    result = run_script("train.py", *train_args(tree, root / "full", 6))
+    assert result.returncode == 0, result.stderr
+    return tree, root / "full"
+
+
+def assert_same_state(a, b):
+    sa, sb = load_file(a / "train_state.safetensors"), load_file(b / "train_state.safetensors")
+    assert sa.keys() == sb.keys() and any(k.startswith("adam.") for k in sa) and any(k.startswith("ema.") for k in sa)
+    worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    assert worst <= TOLERANCE, f"max |difference| {worst}"
+
+
+def test_stopped_at_step_3_and_resumed_ends_where_an_uninterrupted_run_does(uninterrupted, tmp_path):
+    tree, full = uninterrupted
+    out = tmp_path / "split"
+    assert run_script("train.py", *train_args(tree, out, 3)).returncode == 0
+    assert state_step(out) == 3
+    result = run_script("train.py", *train_args(tree, out, 6, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert_same_state(full, out)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in full_log] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r.get("loss") for r in log] == [r.get("loss") for r in full_log]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits(uninterrupted, tmp_path, sig):
+    tree, full = uninterrupted
+    out = tmp_path / "signal"
+    proc = start(train_args(tree, out, 1000, "--eval-every", "1000"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while len(steps_logged(out)) < 2 and proc.poll() is None:  # step 0 (validation) and step 1 are logged
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr
+    step = steps_logged(out)[-1]
+    assert f"stopped by {sig.name} after step {step}: checkpoint saved in {out}; continue with --resume" in stderr
+    assert state_step(out) == step and json.loads((out / "config.json").read_text())["step"] == step
+    assert 1 <= step < 1000
+    load_hf(str(out))
+
+
+def test_kill_9_during_saves_leaves_the_previous_checkpoint_valid(uninterrupted, tmp_path):
+    """Every step saves (--eval-every 1); the process is killed at different moments of that loop
+    and restarted with --resume. What remains must load every time."""
+    tree, _ = uninterrupted
+    out, torn, last = tmp_path / "kill", 0, 0
+    for delay in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        proc = start(train_args(tree, out, 10_000, "--eval-every", "1", *(["--resume"] if last else [])),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while exported_step(out) <= last and proc.poll() is None:  # wait for a whole new checkpoint
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        torn += any(temporary(p) for p in out.iterdir())  # the kill hit a write
+        last = state_step(out)  # the train state reads back whole ...
+        assert last >= 1 and set(load_file(out / "train_state.safetensors")) >= {"model.vocab_embed.embedding"}
+        model = load_hf(str(out))  # ... and so does the EMA export
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torn >= 1, "no kill landed during a save; the test did not test anything"
+    result = run_script("train.py", *train_args(tree, out, last + 1, "--eval-every", "1", "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert steps_logged(out)[-2:] == [last, last + 1]  # the log was cut back to the checkpoint
+    assert not any(temporary(p) for p in out.iterdir())  # what the killed saves left was swept
+
+
+def temporary(path) -> bool:
+    """convert_hf.atomic_write's NAME.tmp, or the .tmpXXXX that safetensors itself writes first."""
+    return path.name.endswith(".tmp") or path.name.startswith(".tmp")
+
+
+def test_resume_refuses_what_would_not_continue_the_same_run(uninterrupted, tmp_path):
+    tree, full = uninterrupted
+    result = run_script("train.py", *train_args(tree, tmp_path / "none", 6, "--resume"))
+    assert result.returncode == 1 and "--resume: " in result.stderr and "train_state.safetensors not found" in result.stderr
+    result = run_script("train.py", *train_args(tree, full, 8))  # no --resume: would overwrite
+    assert result.returncode == 1 and f"--out {full} already holds a checkpoint; pass --resume" in result.stderr
+    result = run_script("train.py", *train_args(tree, full, 8, "--resume", "--batch-size", "4"))
+    assert result.returncode == 1 and "was trained with --batch-size 2 (now 4); these flags must not change" in result.stderr
+    assert "Traceback" not in result.stderr and state_step(full) == 6
