@@ -94,25 +94,27 @@ def resolve(path_or_repo_id: str) -> Path:
     """A local folder as is; anything else is a hub repo id, downloaded with huggingface_hub.
 
     Raises CheckpointError when it is neither: a file, a missing folder, a repo the hub does not
-    have, or a hub that cannot be reached (the message says how to pass a local snapshot instead).
+    have or will not give, or a hub that cannot be reached (the message then says how to pass a
+    local snapshot instead).
     """
     if os.path.isdir(path_or_repo_id):
         return Path(path_or_repo_id)
     if os.path.exists(path_or_repo_id):
         raise CheckpointError(f"{path_or_repo_id}: a file; expected a checkpoint folder ({CONFIG} + {WEIGHTS}) or a hub repo id")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     try:
         return Path(snapshot_download(path_or_repo_id, allow_patterns=[CONFIG, WEIGHTS]))
     except HFValidationError:  # e.g. runs/ckpt/neg: not a repo id, so a folder that is not there
         raise CheckpointError(f"{path_or_repo_id}: no such checkpoint folder") from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{path_or_repo_id}: no such checkpoint folder here, nor repo on the Hugging Face hub") from None
     except LocalEntryNotFoundError:  # no network (or HF_HUB_OFFLINE=1) and not in the local hub cache
         raise CheckpointError(
             f"{path_or_repo_id}: not a folder here, and the Hugging Face hub is unreachable; on a machine with network run "
             f"`hf download {path_or_repo_id} {CONFIG} {WEIGHTS} --local-dir DIR`, copy DIR here and pass DIR instead "
             f"(train.py --init DIR, convert_hf.py --repo DIR)") from None
+    except HfHubHTTPError as e:  # RepositoryNotFoundError, GatedRepoError, a server error
+        raise CheckpointError(f"{path_or_repo_id}: not a folder here, and the Hugging Face hub refused it "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def load_hf(path_or_repo_id: str = DEFAULT_REPO) -> DiT:

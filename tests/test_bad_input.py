@@ -121,6 +121,32 @@ def test_unreachable_hub_says_how_to_pass_a_local_snapshot(pair, tmp_path, env):
     assert "hf download kuleshov-group/mdlm-owt-noeos" in last and "--init DIR" in last
 
 
+def test_a_repo_the_hub_does_not_have_is_named(tmp_path):
+    """A local stand-in for the hub that answers every request as the real one does for a missing repo."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.end_headers()
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        result = run_script("convert_hf.py", "--repo", "someone/nothing", "--out", tmp_path / "out",
+                            env={"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HOME": str(tmp_path / "hf_home")})
+    finally:
+        hub.shutdown()
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert result.stderr.strip().startswith("error: someone/nothing: not a folder here, and the Hugging Face hub "
+                                            "refused it (RepositoryNotFoundError: ")
+
+
 def test_a_missing_init_folder_is_named(pair, tmp_path, capsys):
     message = error_of(train.main, "--data", pair[1], "--class", 0, "--init", tmp_path / "runs" / "base",
                        "--out", tmp_path / "o", capsys=capsys)
