@@ -204,11 +204,11 @@ def main(argv=None):
 def train(args, stop: list):
     out = Path(args.out)
     if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
-        raise data.DataError(f"--out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
+        fail(f"error: --out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
     rank, world, device = init_distributed()
     if args.grad_accum % world:
-        raise data.DataError(f"--grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
-                             f"(each runs grad-accum / {world} micro-batches per step)")
+        fail(f"error: --grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
+             f"(each runs grad-accum / {world} micro-batches per step)")
     reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     cls = class_index(args.cls, classes)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
@@ -297,7 +297,7 @@ def train(args, stop: list):
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
-                             f"stopped before the update, {intact()}")
+                 f"stopped before the update, {intact()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, model, step, args.ema_decay)
