@@ -202,8 +202,7 @@ def read_input(path: str) -> tuple[list[str], list[int]]:
     if path != "-" and not Path(path).is_file():
         raise data.DataError(f"--input {path}: no such file")
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    lines = [(n, data.decode_utf8(line, f"--input {path} line {n}")) for n, line in enumerate(raw.splitlines(), 1)]
-    lines = [(n, text) for n, text in lines if text.strip()]
+    lines = [(n, text) for n, text in data.utf8_lines(raw, f"--input {path}") if text.strip()]
     if not lines:
         raise data.DataError(f"--input {path}: no text (expected one text per line)")
     return [text for _, text in lines], [n for n, _ in lines]

@@ -111,6 +111,12 @@ def decode_utf8(raw: bytes, where) -> str:
         raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def utf8_lines(raw: bytes, where) -> list[tuple[int, str]]:
+    """(line number from 1, text) of every line of raw; DataError naming `where` and the line if
+    one is not UTF-8. Splits on \\n, \\r\\n and \\r only, so the numbers match an editor's."""
+    return [(n, decode_utf8(line, f"{where} line {n}")) for n, line in enumerate(raw.splitlines(), 1)]
+
+
 def positive(kind=int):
     """An argparse `type`: a number > 0 (int: >= 1), so `--batch-size 0` or `--lr -1` is a one-line usage error."""
     def parse(text: str):
@@ -196,8 +202,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
 
 def _jsonl_rows(path: Path, text_field: str, label_field: str):
     """(where, text, label) of every non-blank line; text and label None where the key is missing."""
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
-        line = decode_utf8(raw, f"{path} line {n}")
+    for n, line in utf8_lines(path.read_bytes(), path):
         if line.strip():
             try:
                 row = json.loads(line)
