@@ -66,10 +66,15 @@ def imdb_tree(tmp_path):
     return make_imdb_tree(tmp_path / "imdb")
 
 
-def run_script(script: str, *args, stdin: str | None = None, env: dict | None = None):
-    """Run one of the project's CLIs in a subprocess (one thread: tiny models run fastest so), with
-    extra environment variables `env`."""
+def script_env(extra: dict | None = None) -> dict:
+    """The environment the project's CLIs run under in tests: one thread (tiny models run fastest
+    so, and do not fight a busy machine), plus `extra` variables."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def run_script(script: str, *args, stdin: str | None = None, env: dict | None = None, launcher: tuple = ()):
+    """Run one of the project's CLIs in a subprocess, under script_env(env); launcher: arguments
+    for python before the script (e.g. "-m", "torch.distributed.run", ...)."""
     import subprocess
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, input=stdin, env=env, timeout=300)
+    return subprocess.run([sys.executable, *launcher, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, input=stdin, env=script_env(env), timeout=300)

@@ -7,12 +7,8 @@ from conftest import FIXTURE, run_script
 from convert_hf import load_hf
 
 
-def run(script, *args, stdin=None):
-    return run_script(script, *args, stdin=stdin)
-
-
 def train(tree, out, cls, steps, *extra):
-    return run("train.py", "--class", str(cls), "--data", str(tree), "--init", "scratch", "--preset", "tiny",
+    return run_script("train.py", "--class", str(cls), "--data", str(tree), "--init", "scratch", "--preset", "tiny",
                "--lr", "1e-3", "--max-steps", str(steps), "--batch-size", "4", "--eval-every", "2",
                "--val-reviews", "2", "--out", str(out), *extra)
 
@@ -60,7 +56,7 @@ def test_resume_continues_from_the_saved_step(class_models, tmp_path):
 def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
     tree, root = class_models
     out = tmp_path / "result.json"
-    result = run("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--data", str(tree),
+    result = run_script("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--data", str(tree),
                  "--limit", "8", "--mc-samples", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
@@ -73,7 +69,7 @@ def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
 
 def test_classify_user_texts_from_stdin(class_models):
     tree, root = class_models
-    result = run("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--input", "-",
+    result = run_script("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--input", "-",
                  stdin="a wonderful film\n\nan awful film\n")
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
@@ -90,5 +86,5 @@ def test_classify_user_texts_from_stdin(class_models):
 def test_classify_refuses_mismatched_checkpoints(class_models, swap, words):
     tree, root = class_models
     ckpts = [root / "c1", root / "c0"] if swap else [FIXTURE, FIXTURE]
-    result = run("classify.py", "--ckpt0", str(ckpts[0]), "--ckpt1", str(ckpts[1]), "--input", "-", stdin="text\n")
+    result = run_script("classify.py", "--ckpt0", str(ckpts[0]), "--ckpt1", str(ckpts[1]), "--input", "-", stdin="text\n")
     assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr

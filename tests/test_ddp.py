@@ -1,8 +1,5 @@
 """torchrun on CPU (gloo, 2 processes): the same training run and the same scores as 1 process."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-from conftest import ROOT, run_script
+from conftest import run_script
 from convert_hf import save_checkpoint
 from model import DiT, PRESETS
 
@@ -18,9 +15,7 @@ TOLERANCE = 1e-6  # losses, grad norms, NELBOs (relative and absolute) and weigh
 
 
 def torchrun(script, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_script(script, *args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
 
 
 def train_args(tree, out, *extra):

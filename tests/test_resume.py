@@ -1,6 +1,5 @@
 """Crash safety and exact resume of train.py on the tiny preset (CPU, subprocesses, a few steps)."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 from convert_hf import load_hf
 
 TOLERANCE = 1e-6  # max |difference| of any weight, EMA weight or AdamW moment (measured: 0.0, bitwise equal)
@@ -24,8 +23,8 @@ def train_args(tree, out, steps, *extra):
 
 
 def start(args, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True, **popen)
+    """train.py in the background, as run_script would run it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=script_env(), text=True, **popen)
 
 
 def steps_logged(out) -> list[int]:
