@@ -31,24 +31,37 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import calibration
 import data
 import diffusion
-from convert_hf import CheckpointError, load_hf, read_config
+from convert_hf import CheckpointError, atomic_write, load_hf, read_config
+
+CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
+
+
+ESTIMATORS = ("count", "time")  # diffusion.nelbo_count (the default: lower variance, see README) and diffusion.nelbo
 
 
 @torch.inference_mode()
-def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int,
-                device, progress: bool = False) -> np.ndarray:
-    """NELBO of every text under every model, in nats, averaged over k draws: float64 [N, C].
+def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
+                class_labels: list | None = None, estimator: str = "count", progress: bool = False) -> np.ndarray:
+    """NELBO of every text under every scorer, per Monte-Carlo draw, in nats: float64 [N, C, K].
 
-    token_lists: N non-empty lists of token ids, of any length. A text longer than the models'
-    model_length is split into disjoint windows (data.windows) and its NELBO is the sum of theirs;
-    a text that fits is one window. Window w of text i uses the draws of seed
-    `seed * 1_000_003 + i + w * 2**40` for every model (common random numbers), whatever batch it
-    lands in. batch_size counts sequences per forward pass (window x draw), so memory does not grow with k.
-    Under torchrun (torch.distributed initialised) each rank scores every world-th batch and the
-    results are summed across ranks, so every rank returns the same array as one process would.
+    models: C scorers (one DiT per class, or one conditional DiT repeated C times); class_labels:
+    None, or C entries (int class label for a conditional model, None for "no class" / an
+    unconditional model). estimator: "count" (diffusion.nelbo_count with per_text_count_draws) or
+    "time" (diffusion.nelbo with per_text_draws, Eq. 11). The mean over the last axis is the K-draw
+    NELBO estimate. token_lists: N non-empty lists of token ids, of any length. A text longer than
+    model_length is split into disjoint windows (data.windows); its draw j is the sum of its windows'
+    draws j. Window w of text i uses the draws of seed `seed * 1_000_003 + i + w * 2**40` for every
+    scorer (common random numbers), whatever batch it lands in. batch_size counts sequences per
+    forward pass (window x draw), so memory does not grow with k. Under torchrun each rank scores
+    every world-th batch and the results are summed across ranks. Raises ValueError for an unknown
+    estimator (and, from nelbo_count, for a time-conditioned model).
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
+    class_labels = class_labels or [None] * len(models)
     max_len = models[0].config.model_length
     pieces, owners, seeds = [], [], []
     for i, ids in enumerate(token_lists):
@@ -57,23 +70,56 @@ def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, b
             owners.append(i)
             seeds.append(seed * 1_000_003 + i + w * 2**40)
     lengths = [len(ids) for ids in pieces]
-    per_piece = np.zeros((len(pieces), len(models)))
+    per_piece = np.zeros((len(pieces), len(models), k))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = data.length_batches(lengths, max(1, batch_size // k))[rank::world]  # under torchrun: every world-th batch
     for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch"):
-        t, masked = diffusion.per_text_draws([lengths[i] for i in idx], k, [seeds[i] for i in idx])
+        n_lengths, n_seeds = [lengths[i] for i in idx], [seeds[i] for i in idx]
         x0, attention_mask = data.collate([pieces[i] for i in idx], device)
         x0, attention_mask = x0.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
-        t, masked = t.to(device), masked.to(device)
-        for c, model in enumerate(models):
-            per_piece[idx, c] = diffusion.nelbo(model, x0, t, masked, attention_mask).view(len(idx), k).mean(1).double().cpu().numpy()
+        if estimator == "count":
+            masked = diffusion.per_text_count_draws(n_lengths, k, n_seeds).to(device)
+        else:
+            t, masked = diffusion.per_text_draws(n_lengths, k, n_seeds)
+            t, masked = t.to(device), masked.to(device)
+        for c, (model, label) in enumerate(zip(models, class_labels)):
+            labels = None if label is None else torch.full((len(x0),), label, dtype=torch.long, device=device)
+            if estimator == "count":
+                out = diffusion.nelbo_count(model, x0, masked, attention_mask, labels)
+            else:
+                out = diffusion.nelbo(model, x0, t, masked, attention_mask, labels)
+            per_piece[idx, c] = out.view(len(idx), k).double().cpu().numpy()
     if world > 1:  # every rank filled only its own rows: the sum gathers them all, on every rank
         gathered = torch.from_numpy(per_piece).to(device)
         dist.all_reduce(gathered)
         per_piece = gathered.cpu().numpy()
-    out = np.zeros((len(token_lists), len(models)))
+    out = np.zeros((len(token_lists), len(models), k))
     np.add.at(out, owners, per_piece)
     return out
+
+
+def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
+                class_labels: list | None = None, estimator: str = "count", progress: bool = False) -> np.ndarray:
+    """The K-draw NELBO estimate of every text under every scorer, in nats: float64 [N, C]
+    (the mean over draws of score_draws, which documents the arguments)."""
+    return score_draws(models, token_lists, k, seed, batch_size, device, class_labels, estimator, progress).mean(-1)
+
+
+def paired_margin(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence for each text's decision: (margin, its standard error), float64 [N] each, nats.
+
+    draws: [N, C, K] per-draw NELBOs (score_draws). margin = NELBO of the second-best class minus
+    that of the best (>= 0); its standard error is the sample standard deviation over the K draws of
+    the per-draw difference, / sqrt(K) (paired: both classes see the same draws). With stratified
+    draws this overstates the error a little (the strata are not independent); NaN for K = 1.
+    """
+    mean = draws.mean(-1)
+    order = np.argsort(mean, axis=1, kind="stable")
+    rows = np.arange(len(draws))
+    diff = draws[rows, order[:, 1]] - draws[rows, order[:, 0]]  # [N, K]
+    k = draws.shape[-1]
+    se = diff.std(-1, ddof=1) / np.sqrt(k) if k > 1 else np.full(len(draws), np.nan)
+    return diff.mean(-1), se
 
 
 def init_distributed() -> tuple[int, int, str]:
@@ -96,22 +142,37 @@ def fail(message: str):
     raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
-def posteriors(nelbo: np.ndarray) -> np.ndarray:
-    """Bayes rule with a uniform prior: softmax over classes of -NELBO. [N, C] nats -> [N, C], rows sum to 1."""
-    z = -nelbo - (-nelbo).max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
+def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Bayes rule with a uniform prior, tempered: softmax_c((log prior_c - NELBO_c) / T) (calibration.py).
+    nelbo [N, C] nats -> float64 [N, C], rows sum to 1."""
+    return calibration.softmax(-nelbo, temperature)
 
 
-def load_class_models(paths: list[str], device) -> tuple[list, list[str]]:
-    """Load one checkpoint per class (index = position). Returns (models, class names).
+def load_class_models(paths: list[str], device) -> tuple[list, list[str], list | None]:
+    """The scorers of a classifier: (models, class names, class labels or None).
 
-    Raises CheckpointError if the model configs differ, a checkpoint is a base model (--class
-    all), was trained for another class index or on other classes, or there is not one checkpoint
-    per class of its training data; DataError if the vocabulary is not GPT-2's.
+    One class-conditional checkpoint (train.py --class all): the same model C times with labels
+    0..C-1. Several checkpoints: one unconditional class model per class, in class order (labels
+    None). Raises CheckpointError if the model configs differ, a conditional checkpoint is not
+    alone, a class model was trained for another class index or on other classes, or there is not
+    one checkpoint per class of its training data; DataError if the vocabulary is not GPT-2's.
     """
     configs = [read_config(Path(p)) for p in paths]
     cfg0, raw0 = configs[0]
+    data.check_vocab(cfg0.vocab_size, paths[0])
+    if len(paths) == 1:
+        if not cfg0.n_classes:
+            raise CheckpointError(f"{paths[0]}: an unconditional model; give one checkpoint per class, or one "
+                                  "class-conditional checkpoint (train.py --class all)")
+        names = raw0.get("classes") or [str(c) for c in range(cfg0.n_classes)]
+        if len(names) != cfg0.n_classes:
+            raise CheckpointError(f"{paths[0]}: n_classes {cfg0.n_classes} but {len(names)} class names")
+        model = load_hf(paths[0]).to(device)
+        return [model] * cfg0.n_classes, list(names), list(range(cfg0.n_classes))
+    for p, (cfg, raw) in zip(paths, configs):
+        if cfg.n_classes:
+            raise CheckpointError(f"{p}: a class-conditional checkpoint (train.py --class all) scores every class "
+                                  "by itself; pass it alone (--ckpt DIR)")
     for p, (cfg, raw) in zip(paths[1:], configs[1:]):
         if cfg != cfg0:
             raise CheckpointError(f"{p}: config {cfg} differs from {paths[0]}: {cfg0} (class models must match)")
@@ -122,60 +183,98 @@ def load_class_models(paths: list[str], device) -> tuple[list, list[str]]:
                               f"but {len(paths)} checkpoints were given (one per class, in class order)")
     names = []
     for c, (p, (_, raw)) in enumerate(zip(paths, configs)):
-        if raw.get("class_name") == "all":
-            raise CheckpointError(f"{p}: a base model trained on every class (--class all), not a class model")
         if raw.get("class_index", c) != c:
             raise CheckpointError(f"{p}: trained for class {raw['class_index']}, but passed as class {c}")
         names.append(raw.get("class_name", str(c)))
-    data.check_vocab(cfg0.vocab_size, paths[0])
-    return [load_hf(p).to(device) for p in paths], names
+    return [load_hf(p).to(device) for p in paths], names, None
+
+
+def calibration_key(paths: list[str]) -> list[str]:
+    """What a calibration.json was fitted for: the checkpoint folders, resolved, in class order."""
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def read_temperature(paths: list[str]) -> tuple[float, str]:
+    """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate);
+    T = 1 (softmax of -NELBO, uncalibrated) when there is none, or it was fitted for other checkpoints."""
+    path = Path(paths[0], CALIBRATION)
+    if not path.is_file():
+        return 1.0, f"uncalibrated (no {CALIBRATION}; run classify.py --calibrate)"
+    try:
+        saved = json.loads(path.read_text())
+        temperature, fitted_for = float(saved["temperature"]), saved["checkpoints"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
+    if fitted_for != calibration_key(paths) or not temperature > 0:
+        return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
+    return temperature, f"T = {temperature:.4g} from {path}"
+
+
+def check_texts(texts) -> list[str]:
+    """texts must be a list (or tuple) of strings: a lone string would be scored one character at a time."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings (wrap a single text in a list: [text])")
+    return list(texts)
 
 
 class DiffusionClassifier:
-    """A generative classifier from one MDLM per class, for use from Python.
+    """A generative classifier from one class-conditional MDLM, or one MDLM per class, for use from Python.
 
-        clf = DiffusionClassifier.from_checkpoints(["ckpt/neg", "ckpt/pos"], device="cuda", mc_samples=8)
+        clf = DiffusionClassifier.from_checkpoints(["ckpt/all"], device="cuda", mc_samples=8)  # or one per class
         clf.classes                 # ['neg', 'pos']
         clf.predict(texts)          # list of N class names
-        clf.predict_proba(texts)    # float64 [N, C], rows sum to 1
+        clf.predict_proba(texts)    # float64 [N, C], rows sum to 1: softmax(-NELBO / T)
         clf.nelbo(texts)            # float64 [N, C], nats
 
     texts: a list of N strings, each with at least one token (cleaned and encoded as in training;
-    any length: long texts are scored window by window, see score_texts). Results are
-    deterministic given `seed`: text i of a call always gets the same Monte-Carlo draws, shared
-    by every class model; batches are grouped by length internally. Uniform class prior.
+    any length: long texts are scored window by window, see score_draws). Results are
+    deterministic given `seed`: text i of a call always gets the same Monte-Carlo draws, shared by
+    every class (common random numbers); batches are grouped by length internally. Uniform class
+    prior; the temperature T comes from the checkpoints' calibration.json (1 without one).
     """
 
-    def __init__(self, models: list, classes: list[str], mc_samples: int = 4, seed: int = 0, batch_size: int = 32):
-        """models: one DiT per class, in class order, eval mode, on one device; classes: their names.
-        mc_samples: K draws of (t, mask) per text; batch_size: sequences (window x draw) per forward pass."""
-        if mc_samples < 1 or batch_size < 1:
-            raise ValueError(f"mc_samples {mc_samples} and batch_size {batch_size} must be >= 1")
-        self.models, self.classes = models, list(classes)
+    def __init__(self, models: list, classes: list[str], mc_samples: int = 4, seed: int = 0, batch_size: int = 32,
+                 class_labels: list | None = None, estimator: str = "count", temperature: float = 1.0):
+        """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
+        C times with class_labels 0..C-1); classes: their names. mc_samples: K draws per text; batch_size:
+        sequences (window x draw) per forward pass; estimator: "count" or "time" (score_draws).
+        Raises ValueError for mc_samples, batch_size or temperature out of range, or an unknown estimator."""
+        if mc_samples < 1 or batch_size < 1 or not temperature > 0:
+            raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1 and temperature {temperature} > 0")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
+        self.models, self.classes, self.class_labels = models, list(classes), class_labels
         self.mc_samples, self.seed, self.batch_size = mc_samples, seed, batch_size
+        self.estimator, self.temperature = estimator, temperature
         self.device = next(models[0].parameters()).device
 
     @classmethod
     def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 4, seed: int = 0,
-                         batch_size: int = 32) -> "DiffusionClassifier":
-        """Load the class models (train.py checkpoint folders, in class order) onto `device` (default:
-        CUDA if available, else CPU). Raises CheckpointError / DataError as load_class_models."""
+                         batch_size: int = 32, estimator: str = "count") -> "DiffusionClassifier":
+        """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
+        folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
+        calibration.json. Raises CheckpointError / DataError as load_class_models."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        models, classes = load_class_models(paths, device)
-        return cls(models, classes, mc_samples, seed, batch_size)
+        models, classes, class_labels = load_class_models(paths, device)
+        return cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, read_temperature(paths)[0])
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
         """NELBO_c(text) in nats (upper bound on -log p(text | c)): float64 [N, C].
-        Raises DataError for a text with no tokens."""
-        return self.score(data.encode(texts))
+        Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
+        return self.score(data.encode(check_texts(texts)))
+
+    def draws(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
+        """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, K] nats (score_draws)."""
+        return score_draws(self.models, token_lists, self.mc_samples, self.seed, self.batch_size, self.device,
+                           self.class_labels, self.estimator, progress)
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
-        """nelbo for texts already encoded (data.encode): N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
-        return score_texts(self.models, token_lists, self.mc_samples, self.seed, self.batch_size, self.device, progress)
+        """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
+        return self.draws(token_lists, progress).mean(-1)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        """Posterior p(c | text) under a uniform prior: float64 [N, C], rows sum to 1."""
-        return posteriors(self.nelbo(texts))
+        """Calibrated posterior p(c | text) under a uniform prior: float64 [N, C], rows sum to 1."""
+        return posteriors(self.nelbo(texts), self.temperature)
 
     def predict(self, texts: list[str]) -> list[str]:
         """The most probable class name of each text (argmax of predict_proba)."""
@@ -236,25 +335,62 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
     p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K draws of (t, mask) per text")
+    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K Monte-Carlo draws per text (default 4)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="count",
+                   help="count: k ~ U{1..n} masked tokens, weight n/k (default); time: t ~ U, weight 1/t (Eq. 11)")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+
+
+def calibrate(args, clf: DiffusionClassifier, paths: list[str]) -> None:
+    """--calibrate: fit T on the held-out validation texts of the training data (the 5% of each class
+    that train.py never trains on, data.train_val_split; --limit: a balanced subset of them) and
+    write it to calibration.json in every checkpoint folder."""
+    reviews, data_names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
+    val = data.train_val_split(reviews)[1]
+    val = data.balanced_subset(val, args.limit) if args.limit else val
+    if data_names != clf.classes:
+        raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, the checkpoints' are {', '.join(clf.classes)}")
+    labels = np.array([r.label for r in val])
+    scores = -clf.score(data.encode([r.text for r in val]), progress=True)
+    try:
+        temperature = calibration.fit_temperature(scores, labels)
+    except ValueError as e:
+        raise data.DataError(f"--calibrate: {e}") from None
+    before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
+    record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
+              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": clf.estimator,
+              "mc_samples": clf.mc_samples, "before": before, "after": after}
+    for p in paths:
+        atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(record, indent=1) + "\n"))
+    print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
+          f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
+          f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {CALIBRATION} in {', '.join(paths)}")
 
 
 def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
     p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
-    p.add_argument("--ckpt", action="append", default=[], help="class checkpoints in class order (repeat for N classes)")
+    p.add_argument("--ckpt", action="append", default=[],
+                   help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p)
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the posterior temperature on the training data's held-out validation texts and store it "
+                        "with the checkpoints (then classify as usual)")
     p.add_argument("--json", help="write the summary and per-text posteriors here")
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
-    if len(paths) < 2:
-        p.error("give at least two class checkpoints (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
+    if not paths:
+        p.error("give one class-conditional checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
     rank, world, device = init_distributed()
-    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size)
+    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator)
+    if args.calibrate:
+        if rank == 0 or world == 1:
+            calibrate(args, clf, paths)
+        return
+    temperature, temperature_source = read_temperature(paths)
     names, max_len = clf.classes, clf.models[0].config.model_length
     if args.input:
         (texts, lines), labels = read_input(args.input), None
@@ -268,20 +404,23 @@ def run(argv=None):
     tokens = data.encode(texts)
 
     start = time.perf_counter()
-    nelbo = clf.score(tokens, progress=True)
+    draws = clf.draws(tokens, progress=True)
     seconds = time.perf_counter() - start
-    if rank > 0:  # every rank holds every result (score_texts gathers them); rank 0 reports
+    if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
-    post = posteriors(nelbo)
+    nelbo = draws.mean(-1)
+    margin, margin_se = paired_margin(draws)
+    post = posteriors(nelbo, temperature)
     pred = post.argmax(1)
 
     summary = {"n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
+               "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
                "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
     if labels is None:
         summary.update(input=args.input, lines=lines)
         print(f"{len(texts)} texts from --input {args.input} (blank lines skipped); {summary['windowed_texts']} "
-              f"longer than {max_len} tokens scored whole in windows", file=sys.stderr)
+              f"longer than {max_len} tokens scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
         print("line\tclass\tposterior\ttext")
         for n, c, pr, text in zip(lines, pred, post, texts):
             print(f"{n}\t{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
@@ -289,10 +428,12 @@ def run(argv=None):
         source = args.test_data or f"{args.split} split"
         summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
         summary.update(report(labels, pred, names))
-        # mean NELBO (nats/token) of each class model on each true class: the evidence behind the confusion matrix
+        summary["calibration"] = {"uncalibrated": calibration.summary(-nelbo, labels, 1.0),
+                                  "calibrated": calibration.summary(-nelbo, labels, temperature)}
+        # mean NELBO (nats/token) under each class on each true class: the evidence behind the confusion matrix
         summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
                                                 for m in range(len(names))} for c in np.unique(labels)}
-        print(f"accuracy {summary['accuracy']:.4f} on {len(texts)} texts ({source}), K={args.mc_samples}, "
+        print(f"accuracy {summary['accuracy']:.4f} on {len(texts)} texts ({source}), K={args.mc_samples} ({args.estimator}), "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")
         print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
@@ -302,12 +443,17 @@ def run(argv=None):
             print(f"  {c}: precision {d['precision']:.4f} recall {d['recall']:.4f}")
         for c, row in summary["nats_per_token"].items():
             print(f"  true {c}: nats/token under " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
+        cal = summary["calibration"]
+        print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
+              f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; {temperature_source}")
     if args.json:
         summary["texts"] = [{"label": None if labels is None else int(labels[i]), "pred": int(pred[i]),
                              "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
+                             "margin": round(float(margin[i]), 4),
+                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
                              "n_tokens": len(tokens[i]), **({"line": lines[i]} if labels is None else {})}
                             for i in range(len(texts))]
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ PREFIX = "backbone."
 # buffers some HF classes (BD3LM with var_min) add beside the backbone; accepted and not used
 OPTIONAL_KEYS = {"sampling_eps_min", "sampling_eps_max"}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# config fields the Hugging Face MDLMConfig does not have: absent means this default
+OPTIONAL_FIELDS = {"n_classes": 0}
 
 
 class CheckpointError(ValueError):
@@ -46,15 +48,16 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
         raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
     fields = {}
     for f in dataclasses.fields(DiTConfig):
-        if f.name not in raw:
+        if f.name not in raw and f.name not in OPTIONAL_FIELDS:
             raise CheckpointError(f"{path}: missing field '{f.name}'")
-        value, kind = raw[f.name], f.type
+        value, kind = raw.get(f.name, OPTIONAL_FIELDS.get(f.name)), f.type
         ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float)) and not isinstance(value, bool)
                                                             and (kind is float or isinstance(value, int)))
         if not ok:
             raise CheckpointError(f"{path}: field '{f.name}' should be {kind.__name__}, got {value!r}")
-        if kind is int and value < 1:
-            raise CheckpointError(f"{path}: field '{f.name}' should be >= 1, got {value}")
+        least = 0 if f.name in OPTIONAL_FIELDS else 1
+        if kind is int and value < least:
+            raise CheckpointError(f"{path}: field '{f.name}' should be >= {least}, got {value}")
         fields[f.name] = kind(value)
     cfg = DiTConfig(**fields)
     if cfg.hidden_dim % cfg.n_heads or cfg.hidden_dim // cfg.n_heads % 2:

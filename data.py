@@ -8,8 +8,9 @@
   and a label field (`--text-field`, `--label-field`; default `text` and `label`);
 - a folder with one sub-folder of `.txt` files per class (the sub-folder's name is the label).
 Labels are names (JSON numbers become strings); class index = position among the sorted names.
-A dataset without splits gets a seeded, stratified test split: 10% of each class (seed 0) is held
-out as 'test', the rest is 'train'; it has no 'unsup' texts.
+A dataset without splits gets a seeded, stratified test split: 10% of each labeled class (seed 0)
+is held out as 'test', the rest is 'train'; its rows with an empty (or null) label are its
+'unsup' split (unlabeled texts, used by train.py --class all).
 
 Tokens: tiktoken's `gpt2` encoding without BOS/EOS (mdlm-owt-noeos was trained without them);
 the mask token is id 50257 = the model's vocab_size - 1. `<br />` tags become newlines everywhere
@@ -36,6 +37,9 @@ SPLITS = ("train", "test", "unsup")
 TEST_FRACTION = 0.1  # held out as the test split of a dataset without splits
 # aclImdb/<split>/<label>/<id>_<rating>.txt ; unsup lives in train/unsup
 REVIEW_PATH = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
+
+
+MISSING = object()  # a JSONL key or CSV cell that is not there at all (an error), unlike an empty label (unlabeled)
 
 
 class DataError(ValueError):
@@ -145,7 +149,7 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     path: an aclImdb tarball or folder (None: $IMDB_PATH or the download), a .jsonl or .csv file,
     or a folder of class sub-folders (see the module docstring). IMDB: load_imdb, classes
     ['neg', 'pos']. Otherwise read_labeled, then 'test' is TEST_FRACTION of each class held out
-    by train_val_split with seed 0, 'train' the rest, 'unsup' empty. Raises DataError as
+    by train_val_split with seed 0, 'train' the rest, 'unsup' the unlabeled rows. Raises DataError as
     load_imdb and read_labeled do.
     """
     if split not in SPLITS:
@@ -153,11 +157,11 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     if path is None or _is_imdb(Path(path)):
         return load_imdb(split, path), list(CLASSES)
     reviews, names = read_labeled(path, text_field, label_field)
-    train, test = train_val_split(reviews, TEST_FRACTION, seed=0)
+    train, test = train_val_split([r for r in reviews if r.label >= 0], TEST_FRACTION, seed=0)
     if split == "test" and not test:
         raise DataError(f"{path}: the test split is empty (it holds out {TEST_FRACTION:.0%} of each class, which rounds "
                         "to none for classes this small); pass a separate --test-data")
-    return {"train": train, "test": test, "unsup": []}[split], names
+    return {"train": train, "test": test, "unsup": [r for r in reviews if r.label < 0]}[split], names
 
 
 def _is_imdb(path: Path) -> bool:
@@ -172,10 +176,11 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     and its class names (the sorted labels). Review.id = position, rating = 0.
 
     JSONL: one object per line, blank lines skipped; CSV: a header row naming the columns; both
-    need a non-empty text under `text_field` and a string or integer label under `label_field`.
+    need a non-empty text under `text_field` and a string or integer label under `label_field`;
+    an empty or null label marks an unlabeled text (Review.label -1, not a class).
     A folder: <path>/<label>/*.txt. Raises DataError naming the file (and line) for a missing
     path, an unknown file type, text that is not UTF-8, a bad JSON line, a missing column,
-    field, text or label, or an empty dataset.
+    field, text or label, or a dataset with no (labeled) text.
     """
     root = Path(path)
     if not root.exists():
@@ -193,15 +198,17 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     for where, text, label in rows:
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: no text in field {text_field!r} (set --text-field)")
-        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+        if label is MISSING or isinstance(label, bool) or not isinstance(label, (str, int, type(None))):
             raise DataError(f"{where}: no string or integer label in field {label_field!r} (set --label-field)")
-    names = sorted({str(label) for _, _, label in rows})
+    names = sorted({str(label) for _, _, label in rows if label not in (None, "")})
+    if not names:
+        raise DataError(f"{path}: no labeled text (every label in field {label_field!r} is empty; set --label-field)")
     index = {name: c for c, name in enumerate(names)}
-    return [Review(text, index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
+    return [Review(text, -1 if label in (None, "") else index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
 
 
 def _jsonl_rows(path: Path, text_field: str, label_field: str):
-    """(where, text, label) of every non-blank line; text and label None where the key is missing."""
+    """(where, text, label) of every non-blank line; text None and label MISSING where the key is missing."""
     for n, line in utf8_lines(path.read_bytes(), path):
         if line.strip():
             try:
@@ -210,11 +217,11 @@ def _jsonl_rows(path: Path, text_field: str, label_field: str):
                 raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path} line {n}", row.get(text_field), row.get(label_field)
+            yield f"{path} line {n}", row.get(text_field), row.get(label_field, MISSING)
 
 
 def _csv_rows(path: Path, text_field: str, label_field: str):
-    """(where, text, label) of every data row."""
+    """(where, text, label) of every data row; label MISSING in a row too short to have it."""
     csv.field_size_limit(2**31 - 1)  # long texts: the default limit is 128 KiB per field
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -224,7 +231,7 @@ def _csv_rows(path: Path, text_field: str, label_field: str):
                 raise DataError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}; set {flag})")
         try:
             for row in reader:
-                yield f"{path} line {reader.line_num}", row[text_field], row[label_field]
+                yield f"{path} line {reader.line_num}", row[text_field], MISSING if row[label_field] is None else row[label_field]
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: {e}") from None
 

@@ -83,6 +83,27 @@ def per_text_draws(lengths: list[int], k: int, seeds: list[int]) -> tuple[torch.
     return torch.cat(ts), torch.cat(masks)
 
 
+def per_text_count_draws(lengths: list[int], k: int, seeds: list[int]) -> torch.Tensor:
+    """K draws of a masked set per text for nelbo_count: masked bool [N*K, max(lengths)].
+
+    For a text of n tokens the K numbers of masked tokens are stratified over 1..n
+    (k_j = floor(n u_j) + 1 with u_j = (r + j/K) mod 1, one r ~ U(0, 1): each k_j is uniform on
+    1..n, and together they cover the range evenly), and the k_j positions are a uniformly random
+    subset. Seeded per text as per_text_draws (same rows, same common-random-numbers property).
+    """
+    L = max(lengths)
+    masks = []
+    for n, s in zip(lengths, seeds):
+        g = torch.Generator().manual_seed(s)
+        u = (torch.rand(1, generator=g) + torch.arange(k) / k) % 1
+        counts = (u * n).long().clamp(max=n - 1) + 1
+        rank = torch.rand(k, n, generator=g).argsort(1).argsort(1)  # a random order of the n positions
+        m = torch.zeros(k, L, dtype=torch.bool)
+        m[:, :n] = rank < counts[:, None]
+        masks.append(m)
+    return torch.cat(masks)
+
+
 # ---- SUBS parameterisation and the NELBO ----------------------------------------------------
 def masked_log_probs(logits: torch.Tensor, mask_index: int) -> torch.Tensor:
     """SUBS at a masked position: log-softmax with the mask token's logit pushed to NEG_INFINITY
@@ -109,21 +130,49 @@ def model_sigma(model, t: torch.Tensor) -> torch.Tensor:
 
 
 def nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor,
-          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+          attention_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Continuous-time NELBO per sequence, one draw of (t, x_t) (Eq. 11), in nats.
 
     x0: long [B, L] clean tokens; t: float [B]; masked: bool [B, L] positions replaced by the mask
-    token (must be False at padding); attention_mask: bool [B, L] or None (all real).
+    token (must be False at padding); attention_mask: bool [B, L] or None (all real);
+    class_labels: long [B] or None, passed to a class-conditional model (model.DiT).
     Returns float32 [B]: sum over masked positions of loss_weight(t) * -log p_theta(x0_i | x_t).
     Unmasked positions contribute exactly 0 under SUBS, so logits are computed only where masked.
     Divide by the number of real tokens for nats/token.
     """
+    return _weighted_nll(model, x0, masked, loss_weight(t), model_sigma(model, t), attention_mask, class_labels)
+
+
+def nelbo_count(model, x0: torch.Tensor, masked: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The NELBO estimated through the *number* of masked tokens, in nats, float32 [B].
+
+    With the masked set M drawn as k ~ Uniform{1..n} and then k of the n real tokens uniformly
+    (per_text_count_draws), the estimate is (n / k) * sum over i in M of -log p_theta(x0_i | x_M).
+    Its expectation is the eps -> 0 limit of Eq. 11: under q, P(|M| = k) = C(n, k) t^k (1 - t)^(n-k),
+    and the integral over t of (1/t) C(n, k) t^k (1 - t)^(n-k) is C(n, k) B(k, n - k + 1) = 1/k, so
+    NELBO = sum_k (1/k) E[sum over M of -log p | |M| = k] = E_k[(n/k) ...] with P(k) = 1/n (the
+    likelihood estimator of LLaDA, Nie et al. 2025, Eq. 14). No 1/t weight can explode: n/k <= n.
+    The model is not given t, so it must not be time-conditioned (the released model is not).
+    Arguments as nelbo; each row needs at least one masked token. Raises ValueError for a
+    time-conditioned model.
+    """
+    if model.config.time_conditioning:
+        raise ValueError("the count estimator needs a model without time conditioning (its output must not depend on t)")
+    n = masked.new_full(masked.shape[:1], masked.shape[1]) if attention_mask is None else attention_mask.sum(1)
+    weight = n / masked.sum(1)
+    return _weighted_nll(model, x0, masked, weight.float(), torch.zeros_like(weight, dtype=torch.float32),
+                         attention_mask, class_labels)
+
+
+def _weighted_nll(model, x0, masked, row_weight, sigma_in, attention_mask, class_labels) -> torch.Tensor:
+    """sum over masked positions of row_weight[row] * -log p_theta(x0_i | x_t) (SUBS), float32 [B]."""
     mask_index = model.config.vocab_size - 1
     xt = torch.where(masked, mask_index, x0)
-    logits = model(xt, model_sigma(model, t), attention_mask, output_mask=masked)  # [N, V]
+    logits = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels)  # [N, V]
     log_p = masked_log_probs(logits, mask_index).gather(-1, x0[masked][:, None])[:, 0]
     rows = torch.arange(x0.shape[0], device=x0.device)[:, None].expand_as(masked)[masked]
-    per_token = -log_p * loss_weight(t)[rows]
+    per_token = -log_p * row_weight[rows]
     return torch.zeros(x0.shape[0], device=x0.device).index_add_(0, rows, per_token)
 
 

@@ -89,7 +89,8 @@ def run(args):
         model = load_hf(path).to(device)
         cfg = model.config
         data.check_vocab(cfg.vocab_size, path)
-        per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device, progress=True)[:, 0]
+        per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device,
+                                     estimator=args.estimator, progress=True)[:, 0]
         for g in group_names:
             rows = groups == g
             results.append({"data": g, "checkpoint": path, "name": names[m], "max_len": cfg.model_length,

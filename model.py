@@ -5,6 +5,12 @@ App. B; the DiT of Peebles & Xie 2023 with adaLN conditioning and rotary embeddi
 2021), so the Hugging Face checkpoint `kuleshov-group/mdlm-owt-noeos` loads by stripping the
 `backbone.` prefix. Read top to bottom: config, time embedding, rotary, attention, block, final
 layer, model.
+
+Class conditioning (n_classes = C > 0) is the DiT's (Peebles & Xie 2023, §3.2 "adaLN"): a learned
+embedding of the class label, one row per class plus a last row for "no class", is added to the
+time embedding before the SiLU that makes the adaLN input c. The table starts at zero, so a
+conditional model built on an unconditional checkpoint computes exactly the loaded function for
+every class until training moves it.
 """
 import math
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ class DiTConfig:
     n_heads: int = 12
     dropout: float = 0.1
     time_conditioning: bool = False  # False: the model is always given sigma = 0 (see diffusion.py)
+    n_classes: int = 0               # > 0: class-conditional (a C + 1 row class table); 0: the Hugging Face layout
 
 
 PRESETS = {
@@ -184,27 +191,40 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = FinalLayer(cfg)
+        if cfg.n_classes:  # row n_classes = "no class": p(x) from the same weights as p(x | c)
+            self.class_embed = nn.Embedding(cfg.n_classes + 1, cfg.cond_dim)
+            nn.init.zeros_(self.class_embed.weight)
         # adaLN-Zero initialisation (Peebles & Xie 2023): every block starts as the identity
         for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, self.output_layer.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, output_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, output_mask: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits (no SUBS).
 
         input_ids: LongTensor [B, L], L <= model_length. sigma: FloatTensor [B], the noise level
         (diffusion.py passes zeros when time_conditioning is False). attention_mask: BoolTensor [B, L],
         True at real tokens; padding is never attended to, so outputs at real positions equal those
         of each sequence run alone. output_mask: BoolTensor [B, L] or None; when given, logits are
-        computed only where it is True (the NELBO needs only masked positions).
+        computed only where it is True (the NELBO needs only masked positions). class_labels:
+        LongTensor [B] in 0..n_classes (n_classes = "no class"), or None = "no class" for every row;
+        must be None for an unconditional model (n_classes = 0). Raises ValueError otherwise.
         Returns float32 logits [B, L, vocab_size], or [N, vocab_size] for the N selected positions.
         On CUDA the blocks and output layer run under bf16 autocast, as in the reference.
         """
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to hide: lets SDPA pick its fastest kernel
         x = self.vocab_embed(input_ids)
-        c = F.silu(self.sigma_map(sigma))
+        c = self.sigma_map(sigma)
+        if self.config.n_classes:
+            if class_labels is None:
+                class_labels = torch.full_like(input_ids[:, 0], self.config.n_classes)
+            c = c + self.class_embed(class_labels)  # DiT: c = t_emb + y_emb, then SiLU
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional model (n_classes = 0)")
+        c = F.silu(c)
         cos, sin = self.rotary_emb(input_ids.shape[1])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             for block in self.blocks:

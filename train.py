@@ -1,19 +1,29 @@
-"""Fine-tune one class model: an MDLM trained on the texts of a single class.
+"""Train the MDLMs of a generative classifier: one class-conditional model, or one model per class.
 
-    python train.py --class 0 --out ckpt/neg                        # IMDB, from mdlm-owt-noeos (hub)
+    python train.py --class all --out ckpt/all                      # one model p(x | c) for every class
+    python train.py --class 0 --out ckpt/neg                        # IMDB, one class, from mdlm-owt-noeos (hub)
     python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
     python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
-    python train.py --class all --out ckpt/base                     # a base model on every text (IMDB: + unsup)
+
+--class all trains one class-conditional DiT (model.py, n_classes = C) on every text: a labeled
+text under its class, an unlabeled one (IMDB's 50,000 `unsup` reviews; JSONL/CSV rows with an
+empty label) under "no class", and, with probability --label-dropout, a labeled text under "no
+class" too, so the same model gives p(x | c) and p(x). A model loaded with --init gets a zeroed
+class table, so training starts from exactly the loaded function. Its validation reports the
+NELBO of each class under its own label, under "no class", and the accuracy of classifying the
+held-out texts (classify.py's count estimator, K = 2).
 
 The model trains on the 'train' split (data.load_dataset; a dataset without splits holds out
 its test split first) less a validation set: 5% of each class, seed 0, the same for every run.
 A text longer than model_length contributes a random window of model_length tokens each time it
 is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the same windows.
 
-Objective: the continuous-time NELBO of diffusion.py, in nats per real token, with antithetic t
-over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at 1, bf16
+Objective: the continuous-time NELBO of diffusion.py, in nats per real token of the whole
+optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
+step's real tokens, so a token weighs the same in a short text as in a long one), with
+antithetic t over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at 1, bf16
 autocast on CUDA. An EMA of the weights, started from the *loaded* weights, is what gets
-validated, saved as model.safetensors and used by classify.py. Both class models must be trained
+validated, saved as model.safetensors and used by classify.py. Per-class models must be trained
 with identical flags (only --class differs).
 
 Output folder: config.json (model config + training facts), model.safetensors (EMA weights, HF
@@ -32,6 +42,7 @@ trajectory as one, up to float rounding. --grad-accum must be a multiple of N.
 """
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import signal
@@ -59,13 +70,13 @@ STATE = "train_state.safetensors"
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field")
+              "text_field", "label_field", "label_dropout")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--class", dest="cls", required=True,
-                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for a base model on every text")
+                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one class-conditional model on every text")
     data.add_data_args(p)
     p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
@@ -76,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="--class all: chance that a labeled text trains under 'no class' (p(x) from the same model)")
     p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
     p.add_argument("--val-reviews", type=data.positive(), default=256, help="held-out texts per class used for validation")
     p.add_argument("--out", required=True, help="checkpoint folder")
@@ -88,6 +101,8 @@ def parse_args(argv=None):
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
+    if not 0 <= args.label_dropout < 1:
+        p.error(f"argument --label-dropout: must be in [0, 1), got {args.label_dropout}")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
     return args
 
@@ -104,11 +119,43 @@ def class_index(name: str, classes: list[str]) -> int | None:
     raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
 
 
-def init_model(args) -> DiT:
+def init_model(args, n_classes: int) -> DiT:
+    """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
+    class-conditional model; an unconditional checkpoint gets a zeroed class table (model.DiT), so
+    it starts as exactly the loaded function. Raises CheckpointError for a conditional checkpoint
+    with another number of classes."""
+    torch.manual_seed(args.seed)
     if args.init == "scratch":
-        torch.manual_seed(args.seed)
-        return DiT(PRESETS[args.preset or "small"])
-    return load_hf(DEFAULT_REPO if args.init == "hf" else args.init)
+        return DiT(dataclasses.replace(PRESETS[args.preset or "small"], n_classes=n_classes))
+    model = load_hf(DEFAULT_REPO if args.init == "hf" else args.init)
+    if not n_classes or model.config.n_classes == n_classes:
+        return model
+    if model.config.n_classes:
+        raise CheckpointError(f"--init {args.init}: conditional on {model.config.n_classes} classes, the data has {n_classes}")
+    conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
+    state = {**model.state_dict(), "class_embed.weight": conditional.class_embed.weight.detach().clone()}
+    conditional.load_state_dict(state, strict=True)  # every loaded tensor, plus the zeroed class table
+    return conditional.eval()
+
+
+def step_backward(model, parts: list, step_tokens: int, world: int = 1) -> torch.Tensor:
+    """Forward and backward of this process's micro-batches of one optimizer step.
+
+    parts: (seed, x0, attention_mask, t, masked, class_labels) per micro-batch: the seed of its
+    dropout, then diffusion.nelbo's arguments; step_tokens: the real tokens of the whole step, over all micro-batches and
+    processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
+    (times world: DDP averages the processes' gradients, and the step's loss is their sum).
+    Gradients are all-reduced once, on the last micro-batch. Returns this process's share of the
+    step's loss, a float64 scalar tensor (no host sync).
+    """
+    loss = torch.zeros((), dtype=torch.float64, device=parts[0][1].device)
+    for j, (seed, x0, attention_mask, t, masked, labels) in enumerate(parts):
+        torch.manual_seed(seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
+        with model.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
+            nats = diffusion.nelbo(model, x0, t, masked, attention_mask, labels).sum() / step_tokens
+            (nats * world).backward()
+        loss += nats.detach()
+    return loss
 
 
 def lr_at(step: int, args) -> float:
@@ -212,16 +259,22 @@ def train(args, stop: list):
     reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     cls = class_index(args.cls, classes)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
+    n_classes = len(classes) if cls is None else 0  # --class all: one class-conditional model
     if cls is None:
         train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
+    else:
+        train = [r for r in train if r.label == cls]
     labels = range(len(classes)) if cls is None else [cls]
     name = "all" if cls is None else classes[cls]
-    model = init_model(args).to(device).train()
+    model = init_model(args, n_classes).to(device).train()
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length
-    tokens = data.encode([r.text for r in train if cls is None or r.label == cls])
-    val_tokens = data.encode([v.text for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]])
+    tokens = data.encode([r.text for r in train])
+    # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
+    text_labels = torch.tensor([n_classes if r.label < 0 else r.label for r in train])
+    val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]]
+    val_tokens, val_labels = data.encode([v.text for v in val_set]), np.array([v.label for v in val_set])
     if not val_tokens:
         raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
     lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
@@ -238,16 +291,29 @@ def train(args, stop: list):
     n_params = sum(p.numel() for p in model.parameters())
     n_long = sum(len(ids) > max_len for ids in tokens)
     if rank == 0:
-        print(f"class {name} ({len(classes)} classes): {len(tokens)} train / {len(val_tokens)} val texts, "
+        kind = f"class-conditional, {int((text_labels == n_classes).sum())} unlabeled texts" if n_classes else "one class"
+        print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
     def validate():
-        n = score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device)[:, 0]
-        nats = float(n.sum() / sum(len(ids) for ids in val_tokens))
+        n_val_tokens = sum(len(ids) for ids in val_tokens)
+        if not n_classes:
+            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device).sum() / n_val_tokens)
+            record = {"val_nats_per_token": nats}
+        else:  # every held-out text under every class and under "no class", with the same draws
+            n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
+                            class_labels=list(range(n_classes + 1)))
+            own = n[np.arange(len(n)), val_labels]
+            nats = float(own.sum() / n_val_tokens)
+            record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
+                      "val_accuracy": float(np.mean(n[:, :n_classes].argmin(1) == val_labels))}
+            for c in labels:
+                inside = val_labels == c
+                record[f"val_nats_per_token_{classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
         if not math.isfinite(nats):
             fail(f"error: validation NELBO is {nats} at step {step}; not saved, {intact()}")
-        return {"val_nats_per_token": nats, "val_ppl_bound": math.exp(nats)}
+        return {**record, "val_ppl_bound": math.exp(nats)}
 
     def intact():
         return f"the last checkpoint in {out} (step {last_saved}) is intact" if last_saved is not None else "no checkpoint was written"
@@ -264,7 +330,15 @@ def train(args, stop: list):
         if rank == 0:
             log.write(json.dumps({"step": 0, **record}) + "\n")
     n_batches = len(data.length_batches(lengths, args.batch_size))
-    epoch, batches = -1, []
+    shuffles = {}  # epoch -> its batches: what micro-batch m holds depends only on m and --seed
+
+    def batch_of(m: int) -> list[int]:
+        epoch = m // n_batches
+        if epoch not in shuffles:
+            shuffles.clear()
+            shuffles[epoch] = data.length_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch]))
+        return shuffles[epoch][m % n_batches]
+
     mine = range(rank, args.grad_accum, world)  # this process's micro-batches of every step: a distinct shard
     bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank > 0)
     tokens_seen, train_seconds = 0, 0.0
@@ -272,28 +346,26 @@ def train(args, stop: list):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss_sum, n_tokens = 0.0, 0
+        plan = [batch_of(step * args.grad_accum + j) for j in range(args.grad_accum)]
+        n_tokens = sum(lengths[i] for idx in plan for i in idx)  # the step's real tokens, on every process
+        parts = []
         for j in mine:
-            m = step * args.grad_accum + j  # global micro-batch index: what it holds depends only on m and --seed
-            if m // n_batches != epoch:  # a new epoch: a new seeded shuffle
-                epoch = m // n_batches
-                batches = data.length_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch]))
-            idx = batches[m % n_batches]
-            torch.manual_seed(args.seed * 1_000_003 + m)  # dropout
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + m)  # windows, t, masks
+            m = step * args.grad_accum + j  # global micro-batch index
+            idx = plan[j]
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + m)  # windows, t, masks, label dropout
             t = diffusion.antithetic_t(len(idx), g, device)
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx], device)
             masked = diffusion.mask_positions(t, attention_mask.cpu(), g).to(device)
-            with ddp.no_sync() if world > 1 and j != mine[-1] else nullcontext():  # all-reduce once per step
-                loss = diffusion.nelbo(ddp, x0, t, masked, attention_mask).sum() / attention_mask.sum()  # nats / token
-                (loss / len(mine)).backward()  # DDP's mean over processes completes the mean over micro-batches
-            loss_sum += loss.item() / args.grad_accum
-            n_tokens += int(attention_mask.sum())
-        # one all-reduce for what every rank must agree on: the step's loss, its tokens, and whether to stop
-        agreed = torch.tensor([loss_sum, n_tokens, len(stop)], dtype=torch.float64, device=device)
+            y = None
+            if n_classes:
+                y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
+            parts.append((args.seed * 1_000_003 + m, x0, attention_mask, t, masked, y))
+        loss_sum = step_backward(ddp, parts, n_tokens, world)
+        # one all-reduce for what every rank must agree on: the step's loss and whether to stop
+        agreed = torch.stack([loss_sum, torch.tensor(float(len(stop)), dtype=torch.float64, device=device)])
         if world > 1:
             dist.all_reduce(agreed)
-        loss_sum, n_tokens, stopping = agreed.tolist()
+        loss_sum, stopping = agreed.tolist()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
@@ -312,8 +384,10 @@ def train(args, stop: list):
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())
             if rank == 0:
-                bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token, "
-                          f"ppl <= {record['val_ppl_bound']:.1f}, {rate:.0f} tokens/s")
+                extra = "".join(f", {k[18:] or 'own class'} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
+                accuracy = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+                bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
+                          f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {rate:.0f} tokens/s")
         if rank == 0:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing
             log.write(json.dumps(record) + "\n")
             log.flush()

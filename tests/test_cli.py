@@ -38,7 +38,8 @@ def test_class_all_trains_on_every_imdb_text_including_unsup(class_models, tmp_p
     tree, root = class_models
     result = train(tree, tmp_path / "base", "all", 1)
     assert result.returncode == 0, result.stderr
-    assert "class all (2 classes): 25 train / 2 val texts" in result.stdout  # 2 x (12 - 1 val) labeled + 3 unsup
+    # 2 x (12 - 1 val) labeled + 3 unsup, under "no class"
+    assert "class all (2 classes; class-conditional, 3 unlabeled texts): 25 train / 2 val texts" in result.stdout
     assert json.loads((tmp_path / "base" / "config.json").read_text())["classes"] == ["neg", "pos"]
 
 

@@ -188,15 +188,18 @@ def test_eval_confusion_of_likelihoods_on_a_class_folder(toy, tmp_path):
         assert min(row, key=row.get) == language, row
 
 
-def test_class_all_trains_a_base_model_that_classify_refuses(toy, tmp_path, capsys):
+def test_class_all_trains_one_conditional_model_that_classify_takes_alone(toy, tmp_path, capsys):
     root, jsonl, ckpts = toy
     common = ["--data", str(jsonl), "--init", "scratch", "--preset", "tiny", "--max-steps", "1", "--val-reviews", "2"]
     train.main([*common, "--class", "all", "--out", str(tmp_path / "base")])
-    assert "class all (3 classes): 129 train / 6 val texts" in capsys.readouterr().out  # 150 - 15 test - 6 val
+    assert "class all (3 classes; class-conditional, 0 unlabeled texts): 129 train / 6 val texts" in capsys.readouterr().out  # 150 - 15 test - 6 val
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["class_index"] is None and config["class_name"] == "all" and config["classes"] == NAMES
-    with pytest.raises(SystemExit, match="base model trained on every class"):
+    assert config["n_classes"] == 3
+    with pytest.raises(SystemExit, match="a class-conditional checkpoint .* pass it alone"):
         classify.main(["--ckpt", str(tmp_path / "base"), "--ckpt", ckpts[1], "--ckpt", ckpts[2], "--data", str(jsonl)])
+    with pytest.raises(SystemExit, match="an unconditional model; give one checkpoint per class"):
+        classify.main(["--ckpt", ckpts[0], "--data", str(jsonl)])
     with pytest.raises(SystemExit, match="3 classes .* but 2 checkpoints"):
         classify.main(["--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(jsonl)])
     with pytest.raises(SystemExit, match="--class birds: expected one of animals, colors, numbers"):

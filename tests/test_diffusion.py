@@ -52,7 +52,7 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.x0, self.config = x0, type("C", (), {"vocab_size": vocab_size, "time_conditioning": False})
 
-    def forward(self, xt, sigma, attention_mask=None, output_mask=None):
+    def forward(self, xt, sigma, attention_mask=None, output_mask=None, class_labels=None):
         logits = torch.nn.functional.one_hot(self.x0, self.config.vocab_size).float() * 1e4
         return logits[output_mask]
 
@@ -66,7 +66,7 @@ def test_perfect_predictor_has_nelbo_zero_and_uniform_has_log_v_per_masked_token
     assert torch.all(D.nelbo(Oracle(x0, 64), x0, t, masked, attention_mask).abs() < 1e-4)
 
     class Uniform(Oracle):
-        def forward(self, xt, sigma, attention_mask=None, output_mask=None):
+        def forward(self, xt, sigma, attention_mask=None, output_mask=None, class_labels=None):
             return torch.zeros(int(output_mask.sum()), 64)
     expected = masked.sum(1) * math.log(63) / t  # uniform over the 63 non-mask tokens, weight 1/t
     torch.testing.assert_close(D.nelbo(Uniform(x0, 64), x0, t, masked, attention_mask), expected.float(), rtol=1e-4, atol=0)

@@ -88,7 +88,7 @@ def test_long_text_scores_as_the_sum_of_its_windows_and_short_texts_are_unaffect
     g = torch.Generator().manual_seed(0)
     long = torch.randint(0, MASK, (3 * L,), generator=g).tolist()
     texts = [TEXTS[0], long, TEXTS[1]]
-    got = score_texts([model], texts, k, seed, batch_size=6, device="cpu")[:, 0]
+    got = score_texts([model], texts, k, seed, batch_size=6, device="cpu", estimator="time")[:, 0]
     # windows of the long text (text 1): tokens [0, L), [L, 2L), [2L, 3L), window w with the draws of seed*1_000_003 + 1 + w*2**40
     windows = [draws_alone(model, long[w * L:(w + 1) * L], k, seed * 1_000_003 + 1 + w * 2**40) for w in range(3)]
     assert got[1] == pytest.approx(sum(windows), rel=1e-5)
