@@ -70,7 +70,7 @@ STATE = "train_state.safetensors"
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "label_dropout")
+              "text_field", "label_field", "label_dropout", "unlabeled")
 
 
 def parse_args(argv=None):
@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction, default=True,
+                   help="--class all: also train on the unlabeled texts (IMDB's unsup split), under 'no class'")
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="--class all: chance that a labeled text trains under 'no class' (p(x) from the same model)")
     p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
@@ -260,7 +262,7 @@ def train(args, stop: list):
     cls = class_index(args.cls, classes)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
     n_classes = len(classes) if cls is None else 0  # --class all: one class-conditional model
-    if cls is None:
+    if cls is None and args.unlabeled:
         train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
     else:
         train = [r for r in train if r.label == cls]
@@ -384,7 +386,7 @@ def train(args, stop: list):
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())
             if rank == 0:
-                extra = "".join(f", {k[18:] or 'own class'} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
+                extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
                 accuracy = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
                 bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
                           f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {rate:.0f} tokens/s")
