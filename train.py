@@ -262,16 +262,18 @@ def train(args, stop: list):
     cls = class_index(args.cls, classes)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
     n_classes = len(classes) if cls is None else 0  # --class all: one class-conditional model
-    if cls is None and args.unlabeled:
-        train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
-    else:
+    if cls is not None:
         train = [r for r in train if r.label == cls]
+    elif args.unlabeled:
+        train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
     labels = range(len(classes)) if cls is None else [cls]
     name = "all" if cls is None else classes[cls]
     model = init_model(args, n_classes).to(device).train()
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length
+    if not train:
+        raise data.DataError(f"class {name}: no texts to train on in {args.data or 'IMDB'}")
     tokens = data.encode([r.text for r in train])
     # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
     text_labels = torch.tensor([n_classes if r.label < 0 else r.label for r in train])

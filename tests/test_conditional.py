@@ -1,0 +1,245 @@
+"""Issue 10: one class-conditional MDLM for every class, the count NELBO estimator, the loss per real
+token of a whole step, and calibrated posteriors (temperature scaling, ECE)."""
+import argparse
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import calibration
+import classify
+import diffusion
+import train
+from classify import DiffusionClassifier
+from conftest import FIXTURE, LANGUAGES, make_languages, run_script
+from convert_hf import CheckpointError, load_hf, save_checkpoint
+from model import DiT, DiTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
+MASK = 63  # fixture: vocab_size 64
+
+
+# ---- the class table ---------------------------------------------------------------------------
+@torch.no_grad()
+def test_conditional_model_from_an_unconditional_checkpoint_starts_as_the_loaded_function():
+    expected = load_file(FIXTURE / "expected.safetensors")
+    args = argparse.Namespace(init=str(FIXTURE), seed=0, preset=None)
+    model = train.init_model(args, n_classes=2).eval()
+    assert model.config.n_classes == 2 and model.class_embed.weight.shape == (3, model.config.cond_dim)
+    for label in (0, 1, 2, None):  # every class, "no class" (2), and no labels at all
+        labels = None if label is None else torch.full((len(expected["input_ids"]),), label)
+        for sigma_key, logits_key in (("sigma_zero", "logits"), ("sigma", "logits_sigma")):
+            got = model(expected["input_ids"], expected[sigma_key], class_labels=labels)
+            torch.testing.assert_close(got, expected[logits_key], atol=1e-5, rtol=0)
+    # and the table is used: a non-zero row changes that class's output only
+    model.class_embed.weight[1] = 1.0
+    x, s = expected["input_ids"][:1], expected["sigma"][:1]
+    assert not torch.allclose(model(x, s, class_labels=torch.tensor([1])), model(x, s, class_labels=torch.tensor([0])), atol=1e-3)
+    torch.testing.assert_close(model(x, s, class_labels=torch.tensor([0])), expected["logits_sigma"][:1], atol=1e-5, rtol=0)
+
+
+def test_the_class_table_is_required_exactly_when_the_config_has_classes(tmp_path):
+    cfg = DiTConfig(vocab_size=64, model_length=16, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, n_classes=2)
+    model = DiT(cfg)
+    save_checkpoint(model.state_dict(), cfg, tmp_path / "cond")
+    assert load_hf(str(tmp_path / "cond")).config.n_classes == 2  # round trip
+    tensors = load_file(tmp_path / "cond" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "class_embed" not in k}, tmp_path / "cond" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing: backbone.class_embed.weight"):
+        load_hf(str(tmp_path / "cond"))
+    plain = DiT(DiTConfig(vocab_size=64, model_length=16, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2))
+    save_checkpoint({**plain.state_dict(), "class_embed.weight": torch.zeros(3, 8)}, plain.config, tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config.pop("n_classes")  # a Hugging Face config has no n_classes: it means 0
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unexpected: backbone.class_embed.weight"):
+        load_hf(str(tmp_path / "plain"))
+
+
+# ---- one conditional checkpoint for the 3-language toy set ---------------------------------------
+@pytest.fixture(scope="module")
+def toy_conditional(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cond")
+    rows = make_languages(50) + [{"text": row["text"], "label": ""} for row in make_languages(10, seed=1)]
+    jsonl = root / "langs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.main(["--data", str(jsonl), "--class", "all", "--init", "scratch", "--preset", "tiny", "--lr", "1e-2",
+                "--warmup-steps", "1", "--max-steps", "80", "--batch-size", "8", "--eval-every", "40",
+                "--val-reviews", "2", "--out", str(root / "all")])
+    return jsonl, root / "all"
+
+
+def test_one_conditional_checkpoint_classifies_the_toy_languages(toy_conditional):
+    jsonl, ckpt = toy_conditional
+    log = [json.loads(line) for line in (ckpt / "log.jsonl").read_text().splitlines()]
+    assert 0 <= log[-1]["val_accuracy"] <= 1 and log[0]["val_accuracy"] == pytest.approx(1 / 3)  # 6 texts: no bar here
+    # it learned the languages, and a text is more likely under its own class than under "no class"
+    assert log[-1]["val_nats_per_token"] < log[0]["val_nats_per_token"] - 3
+    assert log[-1]["val_nats_per_token"] < log[-1]["val_nats_per_token_no_class"]
+    clf = DiffusionClassifier.from_checkpoints([str(ckpt)], mc_samples=2)
+    assert clf.classes == sorted(LANGUAGES) and clf.class_labels == [0, 1, 2]
+    rows = make_languages(10, seed=7)  # new texts
+    predicted = clf.predict([r["text"] for r in rows])
+    accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows)])
+    assert accuracy >= 0.9, accuracy
+
+
+def test_unlabeled_rows_train_under_no_class(toy_conditional, capsys):
+    jsonl, ckpt = toy_conditional
+    import data
+    assert len(data.load_dataset(str(jsonl), "unsup")[0]) == 30
+    assert len(data.load_dataset(str(jsonl), "train")[0]) == 135  # 150 labeled less the 10% test split
+
+
+def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy_conditional, tmp_path):
+    jsonl, ckpt = toy_conditional
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate", "--mc-samples", "2")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((ckpt / "calibration.json").read_text())
+    assert saved["temperature"] > 0 and saved["n_texts"] == 6 and saved["checkpoints"] == [str(ckpt.resolve())]
+    out = tmp_path / "r.json"
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "4", "--json", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    assert summary["accuracy"] >= 0.8 and summary["temperature"] == saved["temperature"]  # picks the right class
+    assert set(summary["calibration"]) == {"uncalibrated", "calibrated"}
+    for row in summary["texts"]:
+        nelbo = np.array(row["nelbo"])
+        assert row["margin"] == pytest.approx(np.sort(nelbo)[1] - nelbo.min(), abs=2e-3) and row["margin_se"] > 0
+        assert row["pred"] == int(nelbo.argmin())
+
+
+def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():
+    """Common random numbers: the same model under two class names sees the same draws."""
+    model = load_hf(str(FIXTURE))
+    texts = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7], list(range(1, 60))]
+    for estimator in classify.ESTIMATORS:
+        clf = DiffusionClassifier([model, model], ["a", "b"], mc_samples=3, estimator=estimator)
+        draws = clf.draws(texts)
+        assert draws.shape == (3, 2, 3) and np.all(draws >= 0) and np.mean(draws > 0) > 0.5
+        assert np.array_equal(draws[:, 0], draws[:, 1])
+
+
+def test_predict_refuses_a_string():
+    model = load_hf(str(FIXTURE))
+    with pytest.raises(TypeError, match="list of strings"):
+        DiffusionClassifier([model, model], ["a", "b"]).predict("dog cow")
+
+
+# ---- the count estimator -----------------------------------------------------------------------
+def exact_nelbo_limit(model, ids: list[int], nodes: int = 64) -> float:
+    """The eps -> 0 continuous-time NELBO, integral over t in (0, 1) of (1/t) E_{M ~ q_t}[sum over M of -log p(x0_i | x_M)],
+    with q_t masking each token with probability t: all 2^L masks enumerated, t by Gauss-Legendre quadrature."""
+    L, x0 = len(ids), torch.tensor(ids)
+    masks = torch.tensor(list(itertools.product([False, True], repeat=L)))
+    with torch.no_grad():
+        logits = model(torch.where(masks, MASK, x0), torch.zeros(len(masks)))
+    log_p = logits[..., :MASK].double().log_softmax(-1).gather(-1, x0.expand(len(masks), L)[..., None])[..., 0]
+    loss, k = (-log_p * masks).sum(1).numpy(), masks.sum(1).numpy()
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    t = (x + 1) / 2
+    inner = (t[:, None] ** k * (1 - t[:, None]) ** (L - k) * loss).sum(1)
+    return float((w / 2 * inner / t).sum())
+
+
+def test_count_draws_are_stratified_uniform_counts_of_uniform_subsets():
+    n, k = 5, 5
+    masks = diffusion.per_text_count_draws([n] * 4000, k, list(range(4000))).view(4000, k, n)
+    counts = masks.sum(-1)
+    assert all(sorted(row) == [1, 2, 3, 4, 5] for row in counts.tolist())  # K = n: every count exactly once
+    # given its count, every position is equally likely to be masked
+    for c in (1, 3):
+        chosen = masks[counts == c].float().mean(0)
+        assert torch.allclose(chosen, torch.full((n,), c / n), atol=0.03), chosen
+
+
+def test_count_estimator_is_unbiased_for_the_continuous_time_nelbo():
+    model = load_hf(str(FIXTURE))
+    for ids in ([5, 17, 42, 8, 30, 61], [12, 0, 33, 7]):
+        exact = exact_nelbo_limit(model, ids)
+        est = classify.score_texts([model], [ids] * 1500, 2, 0, batch_size=512, device="cpu", estimator="count")[:, 0]
+        se = est.std(ddof=1) / math.sqrt(len(est))
+        assert abs(est.mean() - exact) < 4 * se, f"MC mean {est.mean():.3f} vs exact {exact:.3f} (se {se:.3f})"
+        assert se < 0.01 * exact  # sharp enough to see a wrong weight (n/(k+1) is 15-20% off)
+
+
+def test_count_estimator_has_a_smaller_paired_standard_error_than_the_time_estimator():
+    """Two different class models, one text, K = 4: the spread over seeds of the K-draw NELBO difference."""
+    torch.manual_seed(0)
+    models = []
+    for seed in (0, 1):
+        m = load_hf(str(FIXTURE))
+        with torch.no_grad():
+            m.output_layer.linear.bias.add_(torch.randn(64, generator=torch.Generator().manual_seed(seed)))
+        models.append(m)
+    ids = torch.randint(0, MASK, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    spread = {}
+    for estimator in classify.ESTIMATORS:
+        d = classify.score_texts(models, [ids] * 300, 4, 0, batch_size=512, device="cpu", estimator=estimator)
+        spread[estimator] = np.std(d[:, 0] - d[:, 1], ddof=1)
+    assert spread["count"] < 0.9 * spread["time"], spread  # measured: 8.2 vs 10.3 nats (300 replicates)
+
+
+def test_count_estimator_refuses_a_time_conditioned_model():
+    model = DiT(DiTConfig(vocab_size=64, model_length=8, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, time_conditioning=True))
+    with pytest.raises(ValueError, match="time conditioning"):
+        diffusion.nelbo_count(model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool))
+
+
+# ---- the loss of a step ------------------------------------------------------------------------
+def test_a_step_loss_does_not_depend_on_how_its_texts_are_split_into_micro_batches():
+    torch.manual_seed(0)
+    model = load_hf(str(FIXTURE)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.config.dropout = 0.0
+    for block in model.blocks:
+        block.dropout = 0.0
+    g = torch.Generator().manual_seed(1)
+    texts = [torch.randint(0, MASK, (n,), generator=g) for n in (3, 20, 5, 31)]  # lengths 3..31: a 10x spread
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    masked = [torch.rand(len(x), generator=g) < t[i] for i, x in enumerate(texts)]
+    total = sum(len(x) for x in texts)
+
+    def part(rows):
+        L = max(len(texts[i]) for i in rows)
+        x0 = torch.zeros(len(rows), L, dtype=torch.long)
+        am, mk = torch.zeros(len(rows), L, dtype=torch.bool), torch.zeros(len(rows), L, dtype=torch.bool)
+        for j, i in enumerate(rows):
+            x0[j, :len(texts[i])], am[j, :len(texts[i])], mk[j, :len(texts[i])] = texts[i], True, masked[i]
+        return (0, x0, am, t[rows], mk, None)
+
+    results = []
+    for split in ([[0, 1, 2, 3]], [[0], [1, 2, 3]], [[0, 2], [1, 3]]):
+        model.zero_grad()
+        loss = train.step_backward(model, [part(rows) for rows in split], total)
+        results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-4)
+
+
+# ---- calibration -------------------------------------------------------------------------------
+def test_temperature_fit_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    for true_t in (0.5, 3.0, 40.0):
+        logits = rng.normal(size=(20000, 3)) * 2  # the true log-probabilities up to a constant
+        labels = np.array([rng.choice(3, p=p) for p in calibration.softmax(logits)])
+        fitted = calibration.fit_temperature(logits * true_t, labels)  # scores that are true_t times too sharp
+        assert fitted == pytest.approx(true_t, rel=0.05)
+
+
+def test_ece_on_known_cases():
+    # ten texts at confidence 0.8, half right: one bin, |0.5 - 0.8| = 0.3
+    probs = np.array([[0.8, 0.2]] * 10)
+    assert calibration.ece(probs, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.3)
+    # two bins: 4 texts at 0.95 all right (gap 0.05), 6 at 0.6 with 3 right (gap 0.1): 0.4 * 0.05 + 0.6 * 0.1
+    probs = np.array([[0.95, 0.05]] * 4 + [[0.6, 0.4]] * 6)
+    labels = np.array([0] * 4 + [0, 0, 0, 1, 1, 1])
+    assert calibration.ece(probs, labels) == pytest.approx(0.08)
+    assert calibration.ece(np.array([[0.7, 0.3]] * 10), np.array([0] * 7 + [1] * 3)) == pytest.approx(0.0)
