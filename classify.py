@@ -1,23 +1,32 @@
-"""Generative classification with one MDLM per class (Bayes rule over the NELBO bounds).
+"""Generative classification with MDLMs: Bayes rule over the classes' NELBO bounds.
 
-Each class model c gives an upper bound NELBO_c(x) >= -log p(x | c) (diffusion.py). A text gets
-label argmax_c [log prior_c - NELBO_c(x)] and posteriors softmax_c [log prior_c - NELBO_c(x)]
-(uniform prior). NELBO_c(x) is estimated with K Monte-Carlo draws of (t, masked positions),
-antithetic in t, and the *same* draws for every class model (common random numbers), so the
-noise of the estimate largely cancels in the comparison. A text longer than the models'
-model_length is scored whole: the NELBOs of its disjoint windows (data.windows) are summed.
+The scorer of class c gives an upper bound NELBO_c(x) >= -log p(x | c) (diffusion.py): either one
+class-conditional model (train.py --class all) under label c, or one model per class. A text gets
+label argmax_c [log prior_c - NELBO_c(x)] and posteriors softmax_c([log prior_c - NELBO_c(x)] / T)
+(uniform prior; T from temperature scaling, calibration.py, stored in calibration.json by
+--calibrate; T = 1 without it). NELBO_c(x) is estimated with K Monte-Carlo draws per text, and the
+*same* draws for every class (common random numbers), so the noise of the estimate largely
+cancels in the comparison. Two estimators: "count" (default; k ~ U{1..n} masked tokens, weight
+n/k: diffusion.nelbo_count) and "time" (t ~ U, weight 1/t: diffusion.nelbo, Eq. 11); README
+"Results" has the measured standard errors. A text longer than model_length is scored whole:
+the NELBOs of its disjoint windows (data.windows) are summed.
 
 From Python (a notebook):
 
     from classify import DiffusionClassifier
-    clf = DiffusionClassifier.from_checkpoints(["ckpt/neg", "ckpt/pos"], mc_samples=8)
+    clf = DiffusionClassifier.from_checkpoints(["ckpt/all"], mc_samples=8)   # or ["ckpt/neg", "ckpt/pos"]
     clf.predict(["What a wonderful film"])   # ['pos']
 
 From the shell:
 
-    python classify.py --ckpt0 ckpt/neg --ckpt1 ckpt/pos --limit 1000 --mc-samples 4 --json out.json
+    python classify.py --ckpt ckpt/all --calibrate                 # fit T on held-out validation texts
+    python classify.py --ckpt ckpt/all --limit 1000 --mc-samples 4 --json out.json
+    python classify.py --ckpt0 ckpt/neg --ckpt1 ckpt/pos --limit 1000   # one model per class
     python classify.py --ckpt ckpt/a --ckpt ckpt/b --ckpt ckpt/c --data my.jsonl     # its held-out test split
-    echo "What a wonderful film" | python classify.py --ckpt0 ckpt/neg --ckpt1 ckpt/pos --input -
+    echo "What a wonderful film" | python classify.py --ckpt ckpt/all --input -
+
+The JSON has, per text, the NELBO under every class, the posterior, and the margin (NELBO of the
+second-best class minus the best's, nats) with its paired standard error over the K draws.
 """
 import argparse
 import json

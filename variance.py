@@ -1,0 +1,75 @@
+"""How many Monte-Carlo draws a decision needs: the standard error of the paired NELBO difference
+between a text's own class and its strongest rival, for K = 1, 2, 4, ... draws, under both NELBO
+estimators of classify.py ("time": t ~ U, weight 1/t, Eq. 11 of Sahoo et al. 2024; "count":
+k ~ U{1..n} masked tokens, weight n/k).
+
+    python variance.py --ckpt ckpt/all --limit 32 --replicates 2 --json variance.json
+
+Texts: a balanced, seeded subset of the held-out validation texts of the training data (the 5% of
+each class train.py never trains on). For each K, `--replicates` independent K-draw estimates of
+each text (seeds 0, 1, ...) give the variance of that text's difference; the table reports the root
+of its mean over texts (nats), and that root divided by the mean |difference| (the noise-to-signal
+ratio: above ~0.5, the sign of the difference, i.e. the decision, is often a coin flip).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import classify
+import data
+from convert_hf import CheckpointError, atomic_write
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="one conditional checkpoint, or one per class in class order")
+    data.add_data_args(p)
+    p.add_argument("--limit", type=data.positive(), default=32, help="held-out texts (balanced over classes; default 32)")
+    p.add_argument("--ks", default="1,2,4,8,16", help="draw counts K to measure (default 1,2,4,8,16)")
+    p.add_argument("--replicates", type=data.positive(), default=2, help="independent K-draw estimates per text (default 2)")
+    p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences per forward pass")
+    p.add_argument("--json", help="write the table here")
+    args = p.parse_args(argv)
+    if args.replicates < 2:
+        p.error("argument --replicates: a variance needs at least 2")
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+        if min(ks) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"argument --ks: expected comma-separated positive integers, got {args.ks!r}")
+    try:
+        clf = classify.DiffusionClassifier.from_checkpoints(args.ckpt, batch_size=args.batch_size)
+        reviews, names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
+        val = data.balanced_subset(data.train_val_split(reviews)[1], args.limit)
+    except (CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    tokens, labels = data.encode([r.text for r in val]), np.array([r.label for r in val])
+    rows = []
+    for estimator in classify.ESTIMATORS:
+        clf.estimator = estimator
+        for k in ks:
+            clf.mc_samples = k
+            runs = []
+            for r in range(args.replicates):
+                clf.seed = r
+                runs.append(clf.score(tokens))  # [N, C]
+            runs = np.stack(runs)  # [R, N, C]
+            mean = runs.mean(0)
+            rival = np.where(np.arange(mean.shape[1])[None] == labels[:, None], np.inf, mean).argmin(1)
+            diff = runs[:, np.arange(len(labels)), rival] - runs[:, np.arange(len(labels)), labels]  # > 0: right
+            se = float(np.sqrt(diff.var(0, ddof=1).mean()))
+            rows.append({"estimator": estimator, "k": k, "se": se, "mean_abs_diff": float(np.abs(diff.mean(0)).mean()),
+                         "noise_to_signal": se / float(np.abs(diff.mean(0)).mean())})
+            print(f"{estimator:>5} K={k:<3} se {se:8.3f} nats   mean |diff| {rows[-1]['mean_abs_diff']:8.3f}   "
+                  f"noise/signal {rows[-1]['noise_to_signal']:.3f}", flush=True)
+    if args.json:
+        summary = {"checkpoints": args.ckpt, "n_texts": len(val), "replicates": args.replicates, "rows": rows}
+        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+
+
+if __name__ == "__main__":
+    main()
