@@ -123,8 +123,8 @@ def class_index(name: str, classes: list[str]) -> int | None:
 
 def init_model(args, n_classes: int) -> DiT:
     """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
-    class-conditional model; an unconditional checkpoint gets a zeroed class table (model.DiT), so
-    it starts as exactly the loaded function. Raises CheckpointError for a conditional checkpoint
+    class-conditional model; an unconditional checkpoint gets a zero class table, so it starts as
+    exactly the loaded function for every class (a fresh model's table is random: model.py). Raises CheckpointError for a conditional checkpoint
     with another number of classes."""
     torch.manual_seed(args.seed)
     if args.init == "scratch":
@@ -135,8 +135,8 @@ def init_model(args, n_classes: int) -> DiT:
     if model.config.n_classes:
         raise CheckpointError(f"--init {args.init}: conditional on {model.config.n_classes} classes, the data has {n_classes}")
     conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
-    state = {**model.state_dict(), "class_embed.weight": conditional.class_embed.weight.detach().clone()}
-    conditional.load_state_dict(state, strict=True)  # every loaded tensor, plus the zeroed class table
+    state = {**model.state_dict(), "class_embed.weight": torch.zeros_like(conditional.class_embed.weight)}
+    conditional.load_state_dict(state, strict=True)  # every loaded tensor, plus a zero class table
     return conditional.eval()
 
 
