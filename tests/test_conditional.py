@@ -68,7 +68,7 @@ def toy_conditional(tmp_path_factory):
     jsonl = root / "langs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train.main(["--data", str(jsonl), "--class", "all", "--init", "scratch", "--preset", "tiny", "--lr", "1e-2",
-                "--warmup-steps", "1", "--max-steps", "80", "--batch-size", "8", "--eval-every", "40",
+                "--warmup-steps", "1", "--max-steps", "40", "--batch-size", "8", "--eval-every", "20",
                 "--val-reviews", "2", "--out", str(root / "all")])
     return jsonl, root / "all"
 
