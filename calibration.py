@@ -43,10 +43,11 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 that minimises nll(softmax(scores / T), labels): scores float [N, C] (nats), labels int [N].
 
     The NLL is convex in 1/T; it is minimised over log T with L-BFGS (torch.optim.LBFGS, strong
-    Wolfe line search), starting from T = the spread of the scores. Raises ValueError for fewer
-    than 2 texts. If the scores separate the labels perfectly, the NLL falls towards 0 as T -> 0
-    and the result is the smallest T tried (about 1e-3 of the start), which is honest: such
-    held-out texts give no reason to soften the posteriors.
+    Wolfe line search), starting from T = the mean absolute deviation of the scores from their
+    row means, and kept within e^(+-7) of that start. Raises ValueError for fewer than 2 texts.
+    If the scores separate the labels perfectly, the NLL tends to 0 as T -> 0: the search stops
+    where its gradient vanishes (some T below the start), and such held-out texts give no reason
+    to soften the posteriors.
     """
     if len(labels) < 2:
         raise ValueError(f"fitting a temperature needs at least 2 labeled texts, got {len(labels)}")
