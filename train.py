@@ -21,8 +21,8 @@ is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the
 Objective: the continuous-time NELBO of diffusion.py, in nats per real token of the whole
 optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
 step's real tokens, so a token weighs the same in a short text as in a long one), with
-antithetic t over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at 1, bf16
-autocast on CUDA. An EMA of the weights, started from the *loaded* weights, is what gets
+antithetic t over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at
+1, bf16 autocast on CUDA. An EMA of the weights, started from the *loaded* weights, is what gets
 validated, saved as model.safetensors and used by classify.py. Per-class models must be trained
 with identical flags (only --class differs).
 
@@ -124,8 +124,8 @@ def class_index(name: str, classes: list[str]) -> int | None:
 def init_model(args, n_classes: int) -> DiT:
     """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
     class-conditional model; an unconditional checkpoint gets a zero class table, so it starts as
-    exactly the loaded function for every class (a fresh model's table is random: model.py). Raises CheckpointError for a conditional checkpoint
-    with another number of classes."""
+    exactly the loaded function for every class (a fresh model's table is random: model.py).
+    Raises CheckpointError for a conditional checkpoint with another number of classes."""
     torch.manual_seed(args.seed)
     if args.init == "scratch":
         return DiT(dataclasses.replace(PRESETS[args.preset or "small"], n_classes=n_classes))
@@ -144,8 +144,8 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1) -> torch
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: (seed, x0, attention_mask, t, masked, class_labels) per micro-batch: the seed of its
-    dropout, then diffusion.nelbo's arguments; step_tokens: the real tokens of the whole step, over all micro-batches and
-    processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
+    dropout, then diffusion.nelbo's arguments; step_tokens: the real tokens of the whole step, over
+    all micro-batches and processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
     Gradients are all-reduced once, on the last micro-batch. Returns this process's share of the
     step's loss, a float64 scalar tensor (no host sync).
