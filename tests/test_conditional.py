@@ -243,3 +243,15 @@ def test_ece_on_known_cases():
     labels = np.array([0] * 4 + [0, 0, 0, 1, 1, 1])
     assert calibration.ece(probs, labels) == pytest.approx(0.08)
     assert calibration.ece(np.array([[0.7, 0.3]] * 10), np.array([0] * 7 + [1] * 3)) == pytest.approx(0.0)
+
+
+def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp_path):
+    jsonl, ckpt = toy_conditional
+    out = tmp_path / "v.json"
+    result = run_script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", "6", "--ks", "1,8",
+                        "--replicates", "3", "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["estimator"], r["k"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(e, k) for e in classify.ESTIMATORS for k in (1, 8)}
+    for estimator in classify.ESTIMATORS:  # 8x the draws: a clearly smaller standard error
+        assert 0 < rows[estimator, 8]["se"] < 0.7 * rows[estimator, 1]["se"], rows
