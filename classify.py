@@ -291,13 +291,17 @@ class DiffusionClassifier:
 
 
 def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
-    """Accuracy, confusion matrix (rows = true class, columns = predicted) and per-class precision/recall."""
+    """Accuracy with its 95% Wilson score interval (Wilson 1927), confusion matrix (rows = true class,
+    columns = predicted) and per-class precision/recall."""
     C = len(names)
     cm = np.zeros((C, C), dtype=int)
     np.add.at(cm, (labels, pred), 1)
     per_class = {names[c]: {"precision": cm[c, c] / max(cm[:, c].sum(), 1), "recall": cm[c, c] / max(cm[c].sum(), 1),
                             "support": int(cm[c].sum()), "predicted": int(cm[:, c].sum())} for c in range(C)}
-    return {"accuracy": float(np.mean(labels == pred)), "confusion_matrix": cm.tolist(), "per_class": per_class}
+    n, acc, z = len(labels), float(np.mean(labels == pred)), 1.96
+    centre, half = (acc + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"accuracy": acc, "accuracy_ci95": [float(centre - half), float(centre + half)],
+            "confusion_matrix": cm.tolist(), "per_class": per_class}
 
 
 def read_input(path: str) -> tuple[list[str], list[int]]:
@@ -442,7 +446,8 @@ def run(argv=None):
         # mean NELBO (nats/token) under each class on each true class: the evidence behind the confusion matrix
         summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
                                                 for m in range(len(names))} for c in np.unique(labels)}
-        print(f"accuracy {summary['accuracy']:.4f} on {len(texts)} texts ({source}), K={args.mc_samples} ({args.estimator}), "
+        low, high = summary["accuracy_ci95"]
+        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {len(texts)} texts ({source}), K={args.mc_samples} ({args.estimator}), "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")
         print("confusion matrix (rows true, columns predicted): " + ", ".join(names))

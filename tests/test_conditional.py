@@ -255,3 +255,12 @@ def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp
     assert set(rows) == {(e, k) for e in classify.ESTIMATORS for k in (1, 8)}
     for estimator in classify.ESTIMATORS:  # 8x the draws: a clearly smaller standard error
         assert 0 < rows[estimator, 8]["se"] < 0.7 * rows[estimator, 1]["se"], rows
+
+
+def test_accuracy_interval_is_wilsons():
+    # all 10 right: the Wilson interval is [n / (n + z^2), 1] (z = 1.96), not the degenerate [1, 1] of p +- z se
+    r = classify.report(np.zeros(10, dtype=int), np.zeros(10, dtype=int), ["a", "b"])
+    assert r["accuracy_ci95"] == pytest.approx([10 / (10 + 1.96 ** 2), 1.0])
+    # 738 of 1000 (the README's first IMDB run): about +-2.7 points, a little off-centre towards 0.5
+    low, high = classify.report(np.r_[np.zeros(738), np.ones(262)].astype(int), np.zeros(1000, dtype=int), ["a", "b"])["accuracy_ci95"]
+    assert 0.709 < low < 0.711 and 0.764 < high < 0.765
