@@ -203,9 +203,11 @@ def calibration_key(paths: list[str]) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
-def read_temperature(paths: list[str]) -> tuple[float, str]:
+def read_temperature(paths: list[str], estimator: str, mc_samples: int) -> tuple[float, str]:
     """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate);
-    T = 1 (softmax of -NELBO, uncalibrated) when there is none, or it was fitted for other checkpoints."""
+    T = 1 (softmax of -NELBO, uncalibrated) when there is none, or it was fitted for other
+    checkpoints or another estimator (the spread of the scores, and so T, depends on the noise
+    of the estimate). Another K is allowed and noted. Raises CheckpointError for an unreadable file."""
     path = Path(paths[0], CALIBRATION)
     if not path.is_file():
         return 1.0, f"uncalibrated (no {CALIBRATION}; run classify.py --calibrate)"
@@ -216,7 +218,10 @@ def read_temperature(paths: list[str]) -> tuple[float, str]:
         raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
     if fitted_for != calibration_key(paths) or not temperature > 0:
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
-    return temperature, f"T = {temperature:.4g} from {path}"
+    if saved.get("estimator") != estimator:
+        return 1.0, f"uncalibrated ({path} was fitted with the {saved.get('estimator')} estimator; run classify.py --calibrate)"
+    note = "" if saved.get("mc_samples") == mc_samples else f", fitted at K={saved.get('mc_samples')}"
+    return temperature, f"T = {temperature:.4g} from {path}{note}"
 
 
 def check_texts(texts) -> list[str]:
@@ -262,10 +267,15 @@ class DiffusionClassifier:
                          batch_size: int = 32, estimator: str = "count") -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
-        calibration.json. Raises CheckpointError / DataError as load_class_models."""
+        calibration.json. Raises CheckpointError / DataError as load_class_models, and CheckpointError for
+        the count estimator on a time-conditioned model."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         models, classes, class_labels = load_class_models(paths, device)
-        return cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, read_temperature(paths)[0])
+        if estimator == "count" and models[0].config.time_conditioning:
+            raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
+                                  "time conditioning (pass --estimator time)")
+        return cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator,
+                   read_temperature(paths, estimator, mc_samples)[0])
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
         """NELBO_c(text) in nats (upper bound on -log p(text | c)): float64 [N, C].
@@ -321,11 +331,13 @@ def read_input(path: str) -> tuple[list[str], list[int]]:
 
 
 def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
-    """The labeled texts a CLI evaluates, and the class names their labels index: every text of
-    --test-data if given, else the --split of --data (a dataset without splits: its held-out test
-    split), cut to a balanced, seeded --limit. Raises DataError."""
+    """The labeled texts a CLI evaluates, and the class names their labels index: every labeled text
+    of --test-data if given (rows with an empty label are left out: there is nothing to score them
+    against), else the --split of --data (a dataset without splits: its held-out test split), cut
+    to a balanced, seeded --limit. Raises DataError."""
     if args.test_data:
         reviews, names = data.read_labeled(args.test_data, args.text_field, args.label_field)
+        reviews = [r for r in reviews if r.label >= 0]
     else:
         reviews, names = data.load_dataset(args.data, args.split, args.text_field, args.label_field)
     return (data.balanced_subset(reviews, args.limit) if args.limit else reviews), names
@@ -355,10 +367,11 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
 
 
-def calibrate(args, clf: DiffusionClassifier, paths: list[str]) -> None:
+def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -> None:
     """--calibrate: fit T on the held-out validation texts of the training data (the 5% of each class
     that train.py never trains on, data.train_val_split; --limit: a balanced subset of them) and
-    write it to calibration.json in every checkpoint folder."""
+    write it to calibration.json in every checkpoint folder. Under torchrun every rank scores its
+    share (score_draws); rank 0 fits and writes."""
     reviews, data_names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     val = data.train_val_split(reviews)[1]
     val = data.balanced_subset(val, args.limit) if args.limit else val
@@ -366,6 +379,8 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str]) -> None:
         raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, the checkpoints' are {', '.join(clf.classes)}")
     labels = np.array([r.label for r in val])
     scores = -clf.score(data.encode([r.text for r in val]), progress=True)
+    if rank > 0:
+        return
     try:
         temperature = calibration.fit_temperature(scores, labels)
     except ValueError as e:
@@ -389,8 +404,8 @@ def run(argv=None):
                    help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p)
     p.add_argument("--calibrate", action="store_true",
-                   help="fit the posterior temperature on the training data's held-out validation texts and store it "
-                        "with the checkpoints (then classify as usual)")
+                   help="fit the posterior temperature on the training data's held-out validation texts, store it "
+                        "with the checkpoints (calibration.json) and exit; later runs use it")
     p.add_argument("--json", help="write the summary and per-text posteriors here")
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
@@ -400,10 +415,9 @@ def run(argv=None):
     rank, world, device = init_distributed()
     clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator)
     if args.calibrate:
-        if rank == 0 or world == 1:
-            calibrate(args, clf, paths)
+        calibrate(args, clf, paths, rank)
         return
-    temperature, temperature_source = read_temperature(paths)
+    temperature, temperature_source = read_temperature(paths, args.estimator, args.mc_samples)
     names, max_len = clf.classes, clf.models[0].config.model_length
     if args.input:
         (texts, lines), labels = read_input(args.input), None

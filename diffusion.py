@@ -159,7 +159,7 @@ def nelbo_count(model, x0: torch.Tensor, masked: torch.Tensor, attention_mask: t
     """
     if model.config.time_conditioning:
         raise ValueError("the count estimator needs a model without time conditioning (its output must not depend on t)")
-    n = masked.new_full(masked.shape[:1], masked.shape[1]) if attention_mask is None else attention_mask.sum(1)
+    n = torch.full(masked.shape[:1], masked.shape[1], device=masked.device) if attention_mask is None else attention_mask.sum(1)
     weight = n / masked.sum(1)
     return _weighted_nll(model, x0, masked, weight.float(), torch.zeros_like(weight, dtype=torch.float32),
                          attention_mask, class_labels)

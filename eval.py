@@ -1,9 +1,10 @@
 """Perplexity bounds of MDLM checkpoints: NELBO in nats/token, bits/token and exp(NELBO/token).
 
 The NELBO upper-bounds -log p_theta(x) (diffusion.py, §3.3), so exp(NELBO / tokens) is an upper
-bound on the perplexity. Each text's NELBO is estimated with K draws of (t, masked positions),
-antithetic in t, by classify.score_texts; every checkpoint sees the same draws (common random
-numbers). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
+bound on the perplexity. Each text's NELBO is estimated with K draws by classify.score_texts
+(--estimator count, the default: k ~ U{1..n} masked tokens weighted n/k; or time: t antithetic,
+weight 1/t); every checkpoint sees the same draws (common random numbers). A class-conditional
+checkpoint is scored under "no class", i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
 the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
 
 On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data) each
@@ -89,6 +90,9 @@ def run(args):
         model = load_hf(path).to(device)
         cfg = model.config
         data.check_vocab(cfg.vocab_size, path)
+        if args.estimator == "count" and cfg.time_conditioning:
+            raise CheckpointError(f"{path}: a time-conditioned model; the count estimator needs one without "
+                                  "time conditioning (pass --estimator time)")
         per_text[:, m] = score_texts([model], tokens, args.mc_samples, args.seed, args.batch_size, device,
                                      estimator=args.estimator, progress=True)[:, 0]
         for g in group_names:

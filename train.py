@@ -71,6 +71,7 @@ STATE = "train_state.safetensors"
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
               "text_field", "label_field", "label_dropout", "unlabeled")
+ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True}  # what a train state written before these flags ran with
 
 
 def parse_args(argv=None):
@@ -125,15 +126,17 @@ def init_model(args, n_classes: int) -> DiT:
     """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
     class-conditional model; an unconditional checkpoint gets a zero class table, so it starts as
     exactly the loaded function for every class (a fresh model's table is random: model.py).
-    Raises CheckpointError for a conditional checkpoint with another number of classes."""
+    Raises CheckpointError for a conditional checkpoint with another number of classes (or any,
+    for a class model)."""
     torch.manual_seed(args.seed)
     if args.init == "scratch":
         return DiT(dataclasses.replace(PRESETS[args.preset or "small"], n_classes=n_classes))
     model = load_hf(DEFAULT_REPO if args.init == "hf" else args.init)
-    if not n_classes or model.config.n_classes == n_classes:
+    if model.config.n_classes == n_classes:
         return model
     if model.config.n_classes:
-        raise CheckpointError(f"--init {args.init}: conditional on {model.config.n_classes} classes, the data has {n_classes}")
+        want = f"the data has {n_classes}" if n_classes else "a class model (--class N) is unconditional"
+        raise CheckpointError(f"--init {args.init}: conditional on {model.config.n_classes} classes, but {want}")
     conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
     state = {**model.state_dict(), "class_embed.weight": torch.zeros_like(conditional.class_embed.weight)}
     conditional.load_state_dict(state, strict=True)  # every loaded tensor, plus a zero class table
@@ -202,6 +205,7 @@ def resume(args, model, ema, opt) -> int:
         step = int(meta["step"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable train state ({type(e).__name__}: {e})") from None
+    saved = {**ADDED_LATER, **saved}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY if saved.get(k) != getattr(args, k)]
     if changed:
         raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed) + "; these flags must not change")
@@ -300,14 +304,17 @@ def train(args, stop: list):
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
+    estimator = "time" if model.config.time_conditioning else "count"  # classify.py's default where it applies
+
     def validate():
         n_val_tokens = sum(len(ids) for ids in val_tokens)
         if not n_classes:
-            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device).sum() / n_val_tokens)
+            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
+                                     estimator=estimator).sum() / n_val_tokens)
             record = {"val_nats_per_token": nats}
         else:  # every held-out text under every class and under "no class", with the same draws
             n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)))
+                            class_labels=list(range(n_classes + 1)), estimator=estimator)
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),

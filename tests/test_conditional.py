@@ -264,3 +264,26 @@ def test_accuracy_interval_is_wilsons():
     # 738 of 1000 (the README's first IMDB run): about +-2.7 points, a little off-centre towards 0.5
     low, high = classify.report(np.r_[np.zeros(738), np.ones(262)].astype(int), np.zeros(1000, dtype=int), ["a", "b"])["accuracy_ci95"]
     assert 0.709 < low < 0.711 and 0.764 < high < 0.765
+
+
+def test_count_estimator_without_an_attention_mask_weights_by_the_full_length():
+    model = load_hf(str(FIXTURE))
+    x0 = torch.tensor([[5, 17, 42, 8, 30, 61]])
+    masked = torch.tensor([[True, False, True, False, False, False]])
+    alone = diffusion.nelbo_count(model, x0, masked)
+    with torch.no_grad():
+        logits = model(torch.where(masked, MASK, x0), torch.zeros(1))[0, :, :MASK].log_softmax(-1)
+    expected = -(logits[0, 5] + logits[2, 42]) * 6 / 2  # n / k = 6 / 2
+    torch.testing.assert_close(alone, expected[None], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(diffusion.nelbo_count(model, x0, masked, torch.ones(1, 6, dtype=torch.bool)), alone)
+
+
+def test_a_time_conditioned_checkpoint_asks_for_the_time_estimator(tmp_path):
+    cfg = DiTConfig(vocab_size=50258, model_length=16, hidden_dim=16, cond_dim=8, n_blocks=1, n_heads=2, time_conditioning=True)
+    for name in ("a", "b"):
+        save_checkpoint(DiT(cfg).state_dict(), cfg, tmp_path / name, {"class_index": "ab".index(name), "class_name": name})
+    result = run_script("classify.py", "--ckpt", tmp_path / "a", "--ckpt", tmp_path / "b", "--input", "-", stdin="a text\n")
+    assert result.returncode == 1 and "pass --estimator time" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("classify.py", "--ckpt", tmp_path / "a", "--ckpt", tmp_path / "b", "--input", "-",
+                        "--estimator", "time", stdin="a text\n")
+    assert result.returncode == 0, result.stderr
