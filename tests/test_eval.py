@@ -47,9 +47,11 @@ def exact_nelbo(model, ids: list[int], nodes: int = 64) -> float:
 
 
 def estimates(model, k: int, copies: int, seed: int = 0) -> np.ndarray:
-    """`copies` independent K-draw NELBO estimates of each text of TEXTS: float64 [copies, len(TEXTS)].
+    """`copies` independent K-draw estimates (the time estimator, Eq. 11; the count estimator is
+    tested in test_conditional.py) of each text of TEXTS: float64 [copies, len(TEXTS)].
     (score_texts gives every text index its own seed, so copies of a text get independent draws.)"""
-    return score_texts([model], TEXTS * copies, k, seed, batch_size=256, device="cpu")[:, 0].reshape(copies, len(TEXTS))
+    return score_texts([model], TEXTS * copies, k, seed, batch_size=256, device="cpu",
+                       estimator="time")[:, 0].reshape(copies, len(TEXTS))
 
 
 def test_exact_nelbo_upper_bounds_the_likelihood_of_a_one_token_text(model):
