@@ -1,7 +1,6 @@
 """Issue 10: one class-conditional MDLM for every class, the count NELBO estimator, the loss per real
 token of a whole step, and calibrated posteriors (temperature scaling, ECE)."""
 import argparse
-import itertools
 import json
 import math
 
@@ -16,6 +15,7 @@ import diffusion
 import train
 from classify import DiffusionClassifier
 from conftest import FIXTURE, LANGUAGES, make_languages, run_script
+from test_eval import exact_nelbo
 from convert_hf import CheckpointError, load_hf, save_checkpoint
 from model import DiT, DiTConfig
 
@@ -131,21 +131,6 @@ def test_predict_refuses_a_string():
 
 
 # ---- the count estimator -----------------------------------------------------------------------
-def exact_nelbo_limit(model, ids: list[int], nodes: int = 64) -> float:
-    """The eps -> 0 continuous-time NELBO, integral over t in (0, 1) of (1/t) E_{M ~ q_t}[sum over M of -log p(x0_i | x_M)],
-    with q_t masking each token with probability t: all 2^L masks enumerated, t by Gauss-Legendre quadrature."""
-    L, x0 = len(ids), torch.tensor(ids)
-    masks = torch.tensor(list(itertools.product([False, True], repeat=L)))
-    with torch.no_grad():
-        logits = model(torch.where(masks, MASK, x0), torch.zeros(len(masks)))
-    log_p = logits[..., :MASK].double().log_softmax(-1).gather(-1, x0.expand(len(masks), L)[..., None])[..., 0]
-    loss, k = (-log_p * masks).sum(1).numpy(), masks.sum(1).numpy()
-    x, w = np.polynomial.legendre.leggauss(nodes)
-    t = (x + 1) / 2
-    inner = (t[:, None] ** k * (1 - t[:, None]) ** (L - k) * loss).sum(1)
-    return float((w / 2 * inner / t).sum())
-
-
 def test_count_draws_are_stratified_uniform_counts_of_uniform_subsets():
     n, k = 5, 5
     masks = diffusion.per_text_count_draws([n] * 4000, k, list(range(4000))).view(4000, k, n)
@@ -160,7 +145,7 @@ def test_count_draws_are_stratified_uniform_counts_of_uniform_subsets():
 def test_count_estimator_is_unbiased_for_the_continuous_time_nelbo():
     model = load_hf(str(FIXTURE))
     for ids in ([5, 17, 42, 8, 30, 61], [12, 0, 33, 7]):
-        exact = exact_nelbo_limit(model, ids)
+        exact = exact_nelbo(model, ids, lo=0.0, eps=0.0)  # the eps -> 0 continuous-time NELBO
         est = classify.score_texts([model], [ids] * 1500, 2, 0, batch_size=512, device="cpu", estimator="count")[:, 0]
         se = est.std(ddof=1) / math.sqrt(len(est))
         assert abs(est.mean() - exact) < 4 * se, f"MC mean {est.mean():.3f} vs exact {exact:.3f} (se {se:.3f})"
