@@ -195,7 +195,7 @@ def bench_score(models, tokens, k, device, args, warmup: int = 0, naive: bool = 
     def score(toks, k):
         if naive:
             return score_naive(models, toks, k, args.seed, device)
-        return classify.score_texts(models, toks, k, args.seed, args.batch_size, device, estimator="time")  # as score_naive
+        return classify.score_texts(models, toks, k, args.seed, args.batch_size, device)
 
     with variant(**flags):
         for _ in range(warmup):

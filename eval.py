@@ -2,8 +2,8 @@
 
 The NELBO upper-bounds -log p_theta(x) (diffusion.py, §3.3), so exp(NELBO / tokens) is an upper
 bound on the perplexity. Each text's NELBO is estimated with K draws by classify.score_texts
-(--estimator count, the default: k ~ U{1..n} masked tokens weighted n/k; or time: t antithetic,
-weight 1/t); every checkpoint sees the same draws (common random numbers). A class-conditional
+(--estimator time, the default: t antithetic, weight 1/t; or count: k ~ U{1..n} masked tokens
+weighted n/k); every checkpoint sees the same draws (common random numbers). A class-conditional
 checkpoint is scored under "no class", i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
 the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
 

@@ -11,7 +11,7 @@ empty label) under "no class", and, with probability --label-dropout, a labeled 
 class" too, so the same model gives p(x | c) and p(x). A model loaded with --init gets a zeroed
 class table, so training starts from exactly the loaded function. Its validation reports the
 NELBO of each class under its own label, under "no class", and the accuracy of classifying the
-held-out texts (classify.py's count estimator, K = 2).
+held-out texts (classify.py's default estimator, K = 2).
 
 The model trains on the 'train' split (data.load_dataset; a dataset without splits holds out
 its test split first) less a validation set: 5% of each class, seed 0, the same for every run.
@@ -304,17 +304,14 @@ def train(args, stop: list):
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
-    estimator = "time" if model.config.time_conditioning else "count"  # classify.py's default where it applies
-
     def validate():
         n_val_tokens = sum(len(ids) for ids in val_tokens)
         if not n_classes:
-            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                                     estimator=estimator).sum() / n_val_tokens)
+            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device).sum() / n_val_tokens)
             record = {"val_nats_per_token": nats}
         else:  # every held-out text under every class and under "no class", with the same draws
             n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)), estimator=estimator)
+                            class_labels=list(range(n_classes + 1)))
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
