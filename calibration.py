@@ -54,18 +54,19 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
     s = torch.as_tensor(scores, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     spread = float((s - s.mean(1, keepdim=True)).abs().mean()) or 1.0
+    low, high = np.log(spread) - 7, np.log(spread) + 7
     log_t = torch.tensor(np.log(spread), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(s / log_t.clamp(np.log(spread) - 7, np.log(spread) + 7).exp(), y)
+        loss = torch.nn.functional.cross_entropy(s / log_t.clamp(low, high).exp(), y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().clamp(np.log(spread) - 7, np.log(spread) + 7).exp())
+    return float(log_t.detach().clamp(low, high).exp())
 
 
 def summary(scores: np.ndarray, labels: np.ndarray, temperature: float) -> dict:

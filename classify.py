@@ -260,6 +260,7 @@ class DiffusionClassifier:
         self.models, self.classes, self.class_labels = models, list(classes), class_labels
         self.mc_samples, self.seed, self.batch_size = mc_samples, seed, batch_size
         self.estimator, self.temperature = estimator, temperature
+        self.temperature_source = f"T = {temperature:.4g} (given)"  # from_checkpoints: where T was read
         self.device = next(models[0].parameters()).device
 
     @classmethod
@@ -274,8 +275,10 @@ class DiffusionClassifier:
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        return cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator,
-                   read_temperature(paths, estimator, mc_samples)[0])
+        temperature, source = read_temperature(paths, estimator, mc_samples)
+        clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature)
+        clf.temperature_source = source
+        return clf
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
         """NELBO_c(text) in nats (upper bound on -log p(text | c)): float64 [N, C].
@@ -417,7 +420,7 @@ def run(argv=None):
     if args.calibrate:
         calibrate(args, clf, paths, rank)
         return
-    temperature, temperature_source = read_temperature(paths, args.estimator, args.mc_samples)
+    temperature, temperature_source = clf.temperature, clf.temperature_source
     names, max_len = clf.classes, clf.models[0].config.model_length
     if args.input:
         (texts, lines), labels = read_input(args.input), None
