@@ -9,7 +9,9 @@ label argmax_c [log prior_c - NELBO_c(x)] and posteriors softmax_c([log prior_c 
 cancels in the comparison. Two estimators: "time" (default; t ~ U antithetic, weight 1/t:
 diffusion.nelbo, Eq. 11) and "count" (k ~ U{1..n} masked tokens, weight n/k:
 diffusion.nelbo_count); README "Results" has their measured standard errors. A text longer than model_length is scored whole:
-the NELBOs of its disjoint windows (data.windows) are summed.
+the NELBOs of its disjoint windows (data.windows) are summed. Sequential scoring (--max-draws,
+score_sequential) spends the draws where they are needed: rounds of K draws, and a text whose
+margin is already more than --z standard errors from 0 gets no more.
 
 From Python (a notebook):
 
@@ -51,9 +53,16 @@ CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
 
 
+def draw_seed(seed: int, text: int, window: int, stream: int) -> int:
+    """The 32-bit seed of one (text, window, stream)'s draws, mixed by numpy's SeedSequence: torch's
+    CPU generator keeps only the low 32 bits of a seed, so offsets such as window * 2**40 would vanish."""
+    return int(np.random.SeedSequence([seed % 2**32, text, window, stream]).generate_state(1)[0])
+
+
 @torch.inference_mode()
 def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
-                class_labels: list | None = None, estimator: str = "time", progress: bool = False) -> np.ndarray:
+                class_labels: list | None = None, estimator: str = "time", progress: bool = False,
+                index: list[int] | None = None, stream: int = 0) -> np.ndarray:
     """NELBO of every text under every scorer, per Monte-Carlo draw, in nats: float64 [N, C, K].
 
     models: C scorers (one DiT per class, or one conditional DiT repeated C times); class_labels:
@@ -62,8 +71,9 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     "count" (diffusion.nelbo_count with per_text_count_draws). The mean over the last axis is the K-draw
     NELBO estimate. token_lists: N non-empty lists of token ids, of any length. A text longer than
     model_length is split into disjoint windows (data.windows); its draw j is the sum of its windows'
-    draws j. Window w of text i uses the draws of seed `seed * 1_000_003 + i + w * 2**40` for every
-    scorer (common random numbers), whatever batch it lands in. batch_size counts sequences per
+    draws j. Window w of text i uses the draws of draw_seed(seed, index[i], w, stream) for every
+    scorer (common random numbers), whatever batch it lands in; index (default 0..N-1) names the
+    texts, stream numbers independent sets of K draws (score_sequential's rounds). batch_size counts sequences per
     forward pass (window x draw), so memory does not grow with k. Under torchrun each rank scores
     every world-th batch and the results are summed across ranks. Raises ValueError for an unknown
     estimator (and, from nelbo_count, for a time-conditioned model).
@@ -77,12 +87,12 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
         for w, piece in enumerate(data.windows(ids, max_len)):
             pieces.append(piece)
             owners.append(i)
-            seeds.append(seed * 1_000_003 + i + w * 2**40)
+            seeds.append(draw_seed(seed, i if index is None else int(index[i]), w, stream))
     lengths = [len(ids) for ids in pieces]
     per_piece = np.zeros((len(pieces), len(models), k))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     batches = data.length_batches(lengths, max(1, batch_size // k))[rank::world]  # under torchrun: every world-th batch
-    for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch"):
+    for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch", leave=False):
         n_lengths, n_seeds = [lengths[i] for i in idx], [seeds[i] for i in idx]
         x0, attention_mask = data.collate([pieces[i] for i in idx], device)
         x0, attention_mask = x0.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
@@ -107,6 +117,37 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     return out
 
 
+def score_sequential(models: list, token_lists: list[list[int]], k: int, max_draws: int, z: float, seed: int,
+                     batch_size: int, device, class_labels: list | None = None, estimator: str = "time",
+                     progress: bool = False) -> np.ndarray:
+    """Sequential Monte-Carlo scoring: per-draw NELBOs in nats, float64 [N, C, max_draws], NaN after
+    each text's last draw.
+
+    Draws come in rounds of k: round r is score_draws' stream r (common to every class; the other
+    arguments as there). After a round, a text whose paired margin is more than z standard errors
+    from 0 (paired_margin: best class against the second) stops; the others get another round, up
+    to max_draws. Clear texts thus stop at k draws and close ones get up to max_draws. Every text
+    gets round 0, so max_draws = k is fixed-K scoring, and a text stopped after r rounds holds the
+    draws that fixed K = r x k in rounds of k would give it. The test is repeated after every
+    round without correction, so z is a stopping threshold, not a guaranteed error rate.
+    Raises ValueError unless max_draws is a multiple of k and z > 0.
+    """
+    if max_draws % k or not z > 0:
+        raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
+    draws = np.full((len(token_lists), len(models), max_draws), np.nan)
+    active = np.arange(len(token_lists))
+    for r in range(max_draws // k):
+        draws[active, :, r * k:(r + 1) * k] = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
+                                                           class_labels, estimator, progress, index=active, stream=r)
+        if k == 1 and r == 0:
+            continue  # one draw gives no standard error
+        margin, se = paired_margin(draws[active, :, :(r + 1) * k])
+        active = active[~(margin > z * se)]
+        if not len(active):
+            break
+    return draws
+
+
 def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
                 class_labels: list | None = None, estimator: str = "time", progress: bool = False) -> np.ndarray:
     """The K-draw NELBO estimate of every text under every scorer, in nats: float64 [N, C]
@@ -117,18 +158,21 @@ def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, b
 def paired_margin(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The evidence for each text's decision: (margin, its standard error), float64 [N] each, nats.
 
-    draws: [N, C, K] per-draw NELBOs (score_draws). margin = NELBO of the second-best class minus
-    that of the best (>= 0); its standard error is the sample standard deviation over the K draws of
-    the per-draw difference, / sqrt(K) (paired: both classes see the same draws). With stratified
-    draws this overstates the error a little (the strata are not independent); NaN for K = 1.
+    draws: [N, C, K] per-draw NELBOs (score_draws; NaN = a draw not taken, score_sequential).
+    margin = NELBO of the second-best class minus that of the best (>= 0); its standard error is the
+    sample standard deviation over a text's K_i draws of the per-draw difference, / sqrt(K_i)
+    (paired: both classes see the same draws). With stratified draws this overstates the error a
+    little (the strata are not independent); NaN for K_i = 1.
     """
-    mean = draws.mean(-1)
+    mean = np.nanmean(draws, -1)
     order = np.argsort(mean, axis=1, kind="stable")
     rows = np.arange(len(draws))
     diff = draws[rows, order[:, 1]] - draws[rows, order[:, 0]]  # [N, K]
-    k = draws.shape[-1]
-    se = diff.std(-1, ddof=1) / np.sqrt(k) if k > 1 else np.full(len(draws), np.nan)
-    return diff.mean(-1), se
+    k = (~np.isnan(diff)).sum(-1)
+    dev = np.where(np.isnan(diff), 0.0, diff - np.nanmean(diff, -1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.sqrt((dev ** 2).sum(-1) / (k - 1) / k)
+    return np.nanmean(diff, -1), np.where(k > 1, se, np.nan)
 
 
 def init_distributed() -> tuple[int, int, str]:
@@ -248,24 +292,29 @@ class DiffusionClassifier:
     """
 
     def __init__(self, models: list, classes: list[str], mc_samples: int = 4, seed: int = 0, batch_size: int = 32,
-                 class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0):
+                 class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
+                 max_draws: int | None = None, z: float = 2.0):
         """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
-        C times with class_labels 0..C-1); classes: their names. mc_samples: K draws per text; batch_size:
+        C times with class_labels 0..C-1); classes: their names. mc_samples: K draws per text (per round);
+        max_draws (default K: fixed K) and z: sequential scoring (score_sequential); batch_size:
         sequences (window x draw) per forward pass; estimator: "time" or "count" (score_draws).
-        Raises ValueError for mc_samples, batch_size or temperature out of range, or an unknown estimator."""
-        if mc_samples < 1 or batch_size < 1 or not temperature > 0:
-            raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1 and temperature {temperature} > 0")
+        Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an unknown estimator."""
+        max_draws = max_draws or mc_samples
+        if mc_samples < 1 or batch_size < 1 or not temperature > 0 or max_draws % mc_samples or not z > 0:
+            raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
+                             f"multiple of mc_samples, z {z} and temperature {temperature} > 0")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
         self.models, self.classes, self.class_labels = models, list(classes), class_labels
-        self.mc_samples, self.seed, self.batch_size = mc_samples, seed, batch_size
+        self.mc_samples, self.seed, self.batch_size, self.max_draws, self.z = mc_samples, seed, batch_size, max_draws, z
         self.estimator, self.temperature = estimator, temperature
         self.temperature_source = f"T = {temperature:.4g} (given)"  # from_checkpoints: where T was read
         self.device = next(models[0].parameters()).device
 
     @classmethod
     def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 4, seed: int = 0,
-                         batch_size: int = 32, estimator: str = "time") -> "DiffusionClassifier":
+                         batch_size: int = 32, estimator: str = "time", max_draws: int | None = None,
+                         z: float = 2.0) -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
         calibration.json. Raises CheckpointError / DataError as load_class_models, and CheckpointError for
@@ -276,7 +325,7 @@ class DiffusionClassifier:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
         temperature, source = read_temperature(paths, estimator, mc_samples)
-        clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature)
+        clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z)
         clf.temperature_source = source
         return clf
 
@@ -286,13 +335,14 @@ class DiffusionClassifier:
         return self.score(data.encode(check_texts(texts)))
 
     def draws(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
-        """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, K] nats (score_draws)."""
-        return score_draws(self.models, token_lists, self.mc_samples, self.seed, self.batch_size, self.device,
-                           self.class_labels, self.estimator, progress)
+        """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
+        after a text's last draw (score_sequential; fixed K when max_draws = mc_samples)."""
+        return score_sequential(self.models, token_lists, self.mc_samples, self.max_draws, self.z, self.seed,
+                                self.batch_size, self.device, self.class_labels, self.estimator, progress)
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
         """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
-        return self.draws(token_lists, progress).mean(-1)
+        return np.nanmean(self.draws(token_lists, progress), -1)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Calibrated posterior p(c | text) under a uniform prior: float64 [N, C], rows sum to 1."""
@@ -363,7 +413,11 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
     p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K Monte-Carlo draws per text (default 4)")
+    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K Monte-Carlo draws per text, per round (default 4)")
+    p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
+                   "standard errors of 0 gets more rounds of K draws, up to this many (default K: fixed K)")
+    p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
+                   "exceeds z standard errors (default 2)")
     p.add_argument("--estimator", choices=ESTIMATORS, default="time",
                    help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
@@ -416,7 +470,10 @@ def run(argv=None):
         p.error("give one class-conditional checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
     rank, world, device = init_distributed()
-    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator)
+    if args.max_draws and args.max_draws % args.mc_samples:
+        p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
+    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
+                                               args.max_draws, args.z)
     if args.calibrate:
         calibrate(args, clf, paths, rank)
         return
@@ -438,12 +495,14 @@ def run(argv=None):
     seconds = time.perf_counter() - start
     if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
-    nelbo = draws.mean(-1)
+    nelbo = np.nanmean(draws, -1)
+    n_draws = (~np.isnan(draws[:, 0])).sum(-1)
     margin, margin_se = paired_margin(draws)
     post = posteriors(nelbo, temperature)
     pred = post.argmax(1)
 
     summary = {"n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
+               "max_draws": clf.max_draws, "z": args.z, "mean_draws": float(n_draws.mean()),
                "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
                "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
@@ -464,7 +523,9 @@ def run(argv=None):
         summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
                                                 for m in range(len(names))} for c in np.unique(labels)}
         low, high = summary["accuracy_ci95"]
-        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {len(texts)} texts ({source}), K={args.mc_samples} ({args.estimator}), "
+        draws_note = f"K={args.mc_samples}" if clf.max_draws == args.mc_samples else \
+            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.max_draws}, z={args.z:g})"
+        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {len(texts)} texts ({source}), {draws_note} ({args.estimator}), "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")
         print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
@@ -481,7 +542,7 @@ def run(argv=None):
         summary["texts"] = [{"label": None if labels is None else int(labels[i]), "pred": int(pred[i]),
                              "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
                              "margin": round(float(margin[i]), 4),
-                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
+                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4), "draws": int(n_draws[i]),
                              "n_tokens": len(tokens[i]), **({"line": lines[i]} if labels is None else {})}
                             for i in range(len(texts))]
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))

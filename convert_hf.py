@@ -25,7 +25,7 @@ PREFIX = "backbone."
 OPTIONAL_KEYS = {"sampling_eps_min", "sampling_eps_max"}
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # config fields the Hugging Face MDLMConfig does not have: absent means this default
-OPTIONAL_FIELDS = {"n_classes": 0}
+OPTIONAL_FIELDS = {"n_classes": 0, "adaptive_head": 0}
 
 
 class CheckpointError(ValueError):
@@ -90,7 +90,10 @@ def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
     if not torch.allclose(mapped[inv_freq].float(), expected[inv_freq], rtol=1e-6, atol=0):
         raise CheckpointError(f"{source}: {PREFIX}{inv_freq} differs from 1/10000^(2i/head_dim) "
                               "(a different rotary base or head size)")
-    return {k: v.float() for k, v in mapped.items()}
+    rank = mapped.get("output_layer.token_rank")
+    if rank is not None and not torch.equal(rank.sort().values, torch.arange(len(rank))):
+        raise CheckpointError(f"{source}: {PREFIX}output_layer.token_rank is not a permutation of the token ids")
+    return {k: v.float() if v.is_floating_point() else v for k, v in mapped.items()}
 
 
 def resolve(path_or_repo_id: str) -> Path:

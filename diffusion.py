@@ -169,11 +169,10 @@ def _weighted_nll(model, x0, masked, row_weight, sigma_in, attention_mask, class
     """sum over masked positions of row_weight[row] * -log p_theta(x0_i | x_t) (SUBS), float32 [B]."""
     mask_index = model.config.vocab_size - 1
     xt = torch.where(masked, mask_index, x0)
-    logits = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels)  # [N, V]
-    log_p = masked_log_probs(logits, mask_index).gather(-1, x0[masked][:, None])[:, 0]
-    rows = torch.arange(x0.shape[0], device=x0.device)[:, None].expand_as(masked)[masked]
-    per_token = -log_p * row_weight[rows]
-    return torch.zeros(x0.shape[0], device=x0.device).index_add_(0, rows, per_token)
+    log_p = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels, targets=x0[masked])  # [N]
+    # back onto the [B, L] grid and summed per row: deterministic on every device (index_add_ uses atomics on CUDA)
+    nll = torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
+    return (nll * row_weight[:, None]).sum(1)
 
 
 # ---- reverse process (§4 / App. A) ----

@@ -42,6 +42,7 @@ class DiTConfig:
     dropout: float = 0.1
     time_conditioning: bool = False  # False: the model is always given sigma = 0 (see diffusion.py)
     n_classes: int = 0               # > 0: class-conditional (a C + 1 row class table); 0: the Hugging Face layout
+    adaptive_head: int = 0           # S > 0: adaptive-softmax output head, S most frequent tokens in its head; 0: a full Linear (HF)
 
 
 PRESETS = {
@@ -49,6 +50,7 @@ PRESETS = {
     # CPU-sized: 2 blocks of width 128; the GPT-2 vocabulary makes the embedding and output layer
     # (2 x 6.4M) most of its 13.3M parameters. 512 tokens cover 87% of IMDB reviews whole.
     "tiny": DiTConfig(model_length=512, hidden_dim=128, cond_dim=64, n_blocks=2, n_heads=4),
+    "cpu": DiTConfig(model_length=512, hidden_dim=256, cond_dim=128, n_blocks=4, n_heads=4, adaptive_head=4096),
 }
 
 FREQ_EMBED_DIM = 256   # sinusoidal time-embedding width (hard-coded in the reference)
@@ -158,19 +160,63 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * F.dropout(h, self.dropout, self.training)
 
 
+def adaptive_cutoffs(cfg: DiTConfig) -> list[int]:
+    """Cluster boundaries of the adaptive head, in frequency ranks: [S, 4S] (head: the S most
+    frequent tokens; tail 1: ranks S..4S-1 at width hidden/4; tail 2: the rest at width hidden/16)."""
+    return [cfg.adaptive_head, 4 * cfg.adaptive_head]
+
+
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) -> Linear with bias to vocab_size logits."""
+    """adaLN (shift, scale), then the output head over the vocabulary.
+
+    adaptive_head = 0: a Linear with bias to vocab_size logits (the Hugging Face layout).
+    adaptive_head = S > 0: an adaptive softmax (Grave et al. 2017, "Efficient softmax approximation
+    for GPUs", torch.nn.AdaptiveLogSoftmaxWithLoss): the S most frequent tokens and one entry per
+    tail cluster share a small softmax; a token in a tail cluster pays the cluster's probability
+    times its own softmax over the cluster, computed from a projection to a narrower width. It is
+    exactly normalised over the vocab_size - 1 real tokens, and the mask token has no entry at all
+    (SUBS's zero masking, Sahoo et al. 2024 §3.2.1). `token_rank` [vocab_size - 1] maps a token id
+    to its frequency rank (train.py counts the training texts; the identity until then) and is
+    saved with the weights.
+    """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.norm_final = LayerNorm(cfg.hidden_dim)
-        self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
-        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)
+        self.vocab_size = cfg.vocab_size
+        if cfg.adaptive_head:
+            real = cfg.vocab_size - 1
+            if not 0 < 4 * cfg.adaptive_head < real:
+                raise ValueError(f"adaptive_head {cfg.adaptive_head}: 4 x it must be below the {real} real tokens")
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_dim, real, adaptive_cutoffs(cfg), div_value=4.0, head_bias=True)
+            self.register_buffer("token_rank", torch.arange(real))
+        else:
+            self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.hidden_dim)  # after the head: the reference's key order
+
+    def features(self, x, c):
+        """x [..., D] and c [..., cond_dim] with matching (broadcastable) leading dims -> [..., D]."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return modulate(self.norm_final(x), shift, scale)
 
     def forward(self, x, c):
-        """x [..., D] and c [..., cond_dim] with matching (broadcastable) leading dims."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        """Logits [..., vocab_size]; the adaptive head's are its log-probabilities, -1e6 for the mask token."""
+        h = self.features(x, c)
+        if not hasattr(self, "adaptive"):
+            return self.linear(h)
+        log_p = self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float())[:, self.token_rank]  # rank order -> id order
+        log_p = torch.cat([log_p, log_p.new_full((len(log_p), 1), -1e6)], -1)  # diffusion.NEG_INFINITY
+        return log_p.view(*h.shape[:-1], self.vocab_size)
+
+    def target_log_prob(self, x, c, targets):
+        """log p(targets) with the mask token excluded from the normaliser: x [N, D], c [N, cond_dim],
+        targets long [N] real token ids -> float32 [N] (nats, <= 0)."""
+        h = self.features(x, c)
+        if hasattr(self, "adaptive"):
+            return self.adaptive(h.float(), self.token_rank[targets]).output
+        # the real tokens' columns only: softmax over them is SUBS's log-softmax with the mask's logit at -inf
+        logits = F.linear(h, self.linear.weight[:-1], self.linear.bias[:-1]).float()
+        return -F.cross_entropy(logits, targets, reduction="none")
 
 
 class EmbeddingLayer(nn.Module):
@@ -199,14 +245,16 @@ class DiT(nn.Module):
         if cfg.n_classes:  # row n_classes = "no class": p(x) from the same weights as p(x | c)
             self.class_embed = nn.Embedding(cfg.n_classes + 1, cfg.cond_dim)  # N(0, 1), see the module docstring
         # adaLN-Zero initialisation (Peebles & Xie 2023): every block starts as the identity
-        for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, self.output_layer.linear]:
+        # (of the adaptive head only its head layer: a zero tail would get no gradient, a product of two zeros)
+        head = self.output_layer.adaptive.head if cfg.adaptive_head else self.output_layer.linear
+        for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, head]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, output_mask: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits (no SUBS).
+                class_labels: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits (no SUBS), or the SUBS log-probabilities of given tokens.
 
         input_ids: LongTensor [B, L], L <= model_length. sigma: FloatTensor [B], the noise level
         (diffusion.py passes zeros when time_conditioning is False). attention_mask: BoolTensor [B, L],
@@ -216,6 +264,9 @@ class DiT(nn.Module):
         LongTensor [B] in 0..n_classes (n_classes = "no class"), or None = "no class" for every row;
         must be None for an unconditional model (n_classes = 0). Raises ValueError otherwise.
         Returns float32 logits [B, L, vocab_size], or [N, vocab_size] for the N selected positions.
+        targets: LongTensor [N] (needs output_mask), the clean tokens x0 at the N selected positions:
+        then returns float32 [N], log p_theta(x0_i | x_t) under SUBS (Sahoo et al. 2024, Eq. 8: the
+        softmax over the vocab_size - 1 real tokens), without ever building [N, vocab_size] log-probabilities.
         On CUDA the blocks and output layer run under bf16 autocast, as in the reference.
         """
         if attention_mask is not None and bool(attention_mask.all()):
@@ -237,5 +288,7 @@ class DiT(nn.Module):
                 logits = self.output_layer(x, c[:, None])
             else:
                 c = c[:, None].expand(-1, x.shape[1], -1)
+                if targets is not None:
+                    return self.output_layer.target_log_prob(x[output_mask], c[output_mask], targets)
                 logits = self.output_layer(x[output_mask], c[output_mask])
         return logits.float()

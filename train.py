@@ -69,9 +69,9 @@ FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-
 STATE = "train_state.safetensors"
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
-TRAJECTORY = ("cls", "init", "preset", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
+TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
               "text_field", "label_field", "label_dropout", "unlabeled")
-ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True}  # what a train state written before these flags ran with
+ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": None}  # what a train state written before these flags ran with
 
 
 def parse_args(argv=None):
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     data.add_data_args(p)
     p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
+    p.add_argument("--adaptive-head", type=int, metavar="S",
+                   help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
+                        "0 = a full linear head (default: the preset's)")
     p.add_argument("--max-steps", type=data.positive(), default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
     p.add_argument("--grad-accum", type=data.positive(), default=1,
@@ -93,13 +96,17 @@ def parse_args(argv=None):
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="--class all: chance that a labeled text trains under 'no class' (p(x) from the same model)")
     p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
-    p.add_argument("--val-reviews", type=data.positive(), default=256, help="held-out texts per class used for validation")
+    p.add_argument("--val-reviews", type=data.positive(), default=64,
+                   help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = p.parse_args(argv)
-    if args.preset and args.init != "scratch":
-        p.error("--preset applies to --init scratch only (a loaded checkpoint brings its own config)")
+    for flag in ("preset", "adaptive_head"):
+        if getattr(args, flag) is not None and args.init != "scratch":
+            p.error(f"--{flag.replace('_', '-')} applies to --init scratch only (a loaded checkpoint brings its own config)")
+    if args.adaptive_head is not None and args.adaptive_head < 0:
+        p.error(f"argument --adaptive-head: must be >= 0, got {args.adaptive_head}")
     if args.warmup_steps < 0:
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
@@ -122,15 +129,31 @@ def class_index(name: str, classes: list[str]) -> int | None:
     raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
 
 
-def init_model(args, n_classes: int) -> DiT:
+def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
+    """Each token id's rank by its count in `tokens` (0 = the most frequent; ties by id): long
+    [n_tokens], a permutation of 0..n_tokens-1. The adaptive head puts low ranks in its head cluster."""
+    counts = np.bincount(np.concatenate([np.asarray(ids) for ids in tokens]), minlength=n_tokens)[:n_tokens]
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty(n_tokens, dtype=np.int64)
+    rank[order] = np.arange(n_tokens)
+    return torch.from_numpy(rank)
+
+
+def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
     class-conditional model; an unconditional checkpoint gets a zero class table, so it starts as
     exactly the loaded function for every class (a fresh model's table is random: model.py).
+    A fresh adaptive head ranks the tokens by their frequency in `tokens` (the training texts).
     Raises CheckpointError for a conditional checkpoint with another number of classes (or any,
     for a class model)."""
     torch.manual_seed(args.seed)
     if args.init == "scratch":
-        return DiT(dataclasses.replace(PRESETS[args.preset or "small"], n_classes=n_classes))
+        cfg = PRESETS[args.preset or "small"]
+        cfg = dataclasses.replace(cfg, n_classes=n_classes, adaptive_head=cfg.adaptive_head if args.adaptive_head is None else args.adaptive_head)
+        model = DiT(cfg)
+        if cfg.adaptive_head:
+            model.output_layer.token_rank.copy_(frequency_rank(tokens, cfg.vocab_size - 1))
+        return model
     model = load_hf(DEFAULT_REPO if args.init == "hf" else args.init)
     if model.config.n_classes == n_classes:
         return model
@@ -272,13 +295,13 @@ def train(args, stop: list):
         train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
     labels = range(len(classes)) if cls is None else [cls]
     name = "all" if cls is None else classes[cls]
-    model = init_model(args, n_classes).to(device).train()
-    data.check_vocab(model.config.vocab_size, f"--init {args.init}")
-    ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
-    max_len = model.config.model_length
     if not train:
         raise data.DataError(f"class {name}: no texts to train on in {args.data or 'IMDB'}")
     tokens = data.encode([r.text for r in train])
+    model = init_model(args, n_classes, tokens).to(device).train()
+    data.check_vocab(model.config.vocab_size, f"--init {args.init}")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
+    max_len = model.config.model_length
     # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
     text_labels = torch.tensor([n_classes if r.label < 0 else r.label for r in train])
     val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]]
@@ -307,11 +330,12 @@ def train(args, stop: list):
     def validate():
         n_val_tokens = sum(len(ids) for ids in val_tokens)
         if not n_classes:
-            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device).sum() / n_val_tokens)
+            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
+                                     progress=rank == 0).sum() / n_val_tokens)
             record = {"val_nats_per_token": nats}
         else:  # every held-out text under every class and under "no class", with the same draws
             n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)))
+                            class_labels=list(range(n_classes + 1)), progress=rank == 0)
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
@@ -361,20 +385,20 @@ def train(args, stop: list):
             m = step * args.grad_accum + j  # global micro-batch index
             idx = plan[j]
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + m)  # windows, t, masks, label dropout
-            t = diffusion.antithetic_t(len(idx), g, device)
-            x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx], device)
-            masked = diffusion.mask_positions(t, attention_mask.cpu(), g).to(device)
+            t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
+            x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
+            masked = diffusion.mask_positions(t, attention_mask, g)
             y = None
             if n_classes:
                 y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
-            parts.append((args.seed * 1_000_003 + m, x0, attention_mask, t, masked, y))
+            parts.append((args.seed * 1_000_003 + m, *(a.to(device) for a in (x0, attention_mask, t, masked)), y))
         loss_sum = step_backward(ddp, parts, n_tokens, world)
         # one all-reduce for what every rank must agree on: the step's loss and whether to stop
         agreed = torch.stack([loss_sum, torch.tensor(float(len(stop)), dtype=torch.float64, device=device)])
         if world > 1:
             dist.all_reduce(agreed)
-        loss_sum, stopping = agreed.tolist()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_sum, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()  # the step's one host sync
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
                  f"stopped before the update, {intact()}")

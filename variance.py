@@ -4,6 +4,11 @@ estimators of classify.py ("time": t ~ U, weight 1/t, Eq. 11 of Sahoo et al. 202
 k ~ U{1..n} masked tokens, weight n/k).
 
     python variance.py --ckpt ckpt/all --limit 32 --replicates 2 --json variance.json
+    python variance.py --ckpt0 A --ckpt1 B --limit 1000 --curve --json curve.json   # accuracy vs draws
+
+--curve measures what the draws buy instead: accuracy and mean draws per text (forward passes per
+text and class) for fixed K in --ks, and for sequential scoring (classify.score_sequential: rounds
+of K up to a maximum, stopping a text once its margin exceeds z standard errors) in --sequential.
 
 Texts: a balanced, seeded subset of the held-out validation texts of the training data (the 5% of
 each class train.py never trains on). For each K, `--replicates` independent K-draw estimates of
@@ -14,6 +19,7 @@ ratio: above ~0.5, the sign of the difference, i.e. the decision, is often a coi
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +31,18 @@ from convert_hf import CheckpointError, atomic_write
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="one conditional checkpoint, or one per class in class order")
+    p.add_argument("--ckpt", action="append", default=[], help="one conditional checkpoint, or one per class in class order")
+    p.add_argument("--ckpt0", help="checkpoint of class 0 (then --ckpt1)")
+    p.add_argument("--ckpt1", help="checkpoint of class 1")
     data.add_data_args(p)
     p.add_argument("--limit", type=data.positive(), default=32, help="held-out texts (balanced over classes; default 32)")
     p.add_argument("--ks", default="1,2,4,8,16", help="draw counts K to measure (default 1,2,4,8,16)")
     p.add_argument("--replicates", type=data.positive(), default=2, help="independent K-draw estimates per text (default 2)")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences per forward pass")
+    p.add_argument("--curve", action="store_true", help="accuracy against mean draws per text, fixed K vs sequential")
+    p.add_argument("--sequential", default="1:8,2:8,2:16,4:16",
+                   help="--curve: sequential settings K:MAX (rounds of K draws up to MAX), comma-separated")
+    p.add_argument("--z", type=data.positive(float), default=2.0, help="--curve: the sequential stopping threshold")
     p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
     if args.replicates < 2:
@@ -41,6 +53,15 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         p.error(f"argument --ks: expected comma-separated positive integers, got {args.ks!r}")
+    args.ckpt = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
+    if not args.ckpt:
+        p.error("give --ckpt (repeat for one per class) or --ckpt0 A --ckpt1 B")
+    try:
+        sequential = [tuple(int(v) for v in setting.split(":")) for setting in args.sequential.split(",")]
+        if any(len(s) != 2 or s[0] < 1 or s[1] % s[0] for s in sequential):
+            raise ValueError
+    except ValueError:
+        p.error(f"argument --sequential: expected K:MAX pairs with MAX a multiple of K, got {args.sequential!r}")
     try:
         clf = classify.DiffusionClassifier.from_checkpoints(args.ckpt, batch_size=args.batch_size)
         reviews, names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
@@ -48,11 +69,13 @@ def main(argv=None):
     except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
     tokens, labels = data.encode([r.text for r in val]), np.array([r.label for r in val])
+    if args.curve:
+        return curve(args, clf, tokens, labels, ks, sequential)
     rows = []
     for estimator in classify.ESTIMATORS:
         clf.estimator = estimator
         for k in ks:
-            clf.mc_samples = k
+            clf.mc_samples = clf.max_draws = k  # fixed K
             runs = []
             for r in range(args.replicates):
                 clf.seed = r
@@ -68,6 +91,28 @@ def main(argv=None):
                   f"noise/signal {rows[-1]['noise_to_signal']:.3f}", flush=True)
     if args.json:
         summary = {"checkpoints": args.ckpt, "n_texts": len(val), "replicates": args.replicates, "rows": rows}
+        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+
+
+def curve(args, clf, tokens, labels, ks, sequential) -> None:
+    """Accuracy, its 95% interval and mean draws per text for fixed K and sequential scoring (the default estimator)."""
+    rows = []
+    for k, max_draws in [(k, k) for k in ks] + sequential:
+        clf.mc_samples, clf.max_draws, clf.z = k, max_draws, args.z
+        start = time.perf_counter()
+        draws = clf.draws(tokens)
+        seconds = time.perf_counter() - start
+        pred = np.nanmean(draws, -1).argmin(1)
+        rep = classify.report(labels, pred, clf.classes)
+        name = f"fixed K={k}" if k == max_draws else f"sequential K={k}..{max_draws} z={args.z:g}"
+        rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float((~np.isnan(draws[:, 0])).sum(-1).mean()),
+                     "accuracy": rep["accuracy"], "accuracy_ci95": rep["accuracy_ci95"],
+                     "confusion_matrix": rep["confusion_matrix"], "texts_per_s": len(tokens) / seconds})
+        low, high = rep["accuracy_ci95"]
+        print(f"{name:<28} mean draws {rows[-1]['mean_draws']:6.2f}   accuracy {rep['accuracy']:.4f} ({low:.4f}-{high:.4f})   "
+              f"{rows[-1]['texts_per_s']:.1f} texts/s   confusion {rep['confusion_matrix']}", flush=True)
+    if args.json:
+        summary = {"checkpoints": args.ckpt, "n_texts": len(tokens), "estimator": clf.estimator, "z": args.z, "rows": rows}
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
 
 

@@ -1,6 +1,7 @@
 """Shared test set-up: import path, offline tokenizer, the reference fixture, a fake aclImdb tree and a toy 3-language dataset."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "mdlm_tiny"
 
-# GPT-2 BPE without network: the shared cache beside the checkout, unless the user set one
+# Hermetic: what the user's shell exports must not change a result. Variables the code (or torch,
+# huggingface_hub, tiktoken) reads are dropped from this process and from every CLI run in a test;
+# a test that needs one sets it itself.
+USER_VARIABLES = ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_TOKEN", "HUGGINGFACE_HUB_CACHE",
+                  "TIKTOKEN_CACHE_DIR", "IMDB_PATH", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                  "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONWARNINGS")
+_user_tiktoken = os.environ.get("TIKTOKEN_CACHE_DIR")
+for _name in USER_VARIABLES:
+    os.environ.pop(_name, None)
+# GPT-2 BPE without network: the shared cache beside the checkout (else the user's own cache)
 _cache = ROOT.parent / "shared" / "tiktoken_cache"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+if _cache.is_dir() or _user_tiktoken:
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache) if _cache.is_dir() else _user_tiktoken
+os.environ["HF_HOME"] = str(Path(tempfile.gettempdir()) / "mdlm-tests-hf-home")  # a hub cache of the tests' own
 
 WORDS = {"pos": "great wonderful superb loved brilliant moving".split(),
          "neg": "awful terrible boring hated worst dull".split()}
@@ -67,8 +78,9 @@ def imdb_tree(tmp_path):
 
 
 def script_env(extra: dict | None = None) -> dict:
-    """The environment the project's CLIs run under in tests: one thread (tiny models run fastest
-    so, and do not fight a busy machine), plus `extra` variables."""
+    """The environment the project's CLIs run under in tests: this process's (the user's variables
+    dropped, the tests' own hub cache: above), one thread (tiny models run fastest so, and do not
+    fight a busy machine), plus `extra` variables."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
 
 

@@ -1,4 +1,5 @@
 """bench.py: the FLOPs formula against the multiply-adds the model really does; the naive scorer's result."""
+import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -15,14 +16,16 @@ CFG = DiTConfig(vocab_size=97, model_length=32, hidden_dim=32, cond_dim=16, n_bl
 
 
 def counted_macs(model, x0, t, masked) -> int:
-    """Multiply-adds of one diffusion.nelbo forward pass, counted as it runs: every nn.Linear call
-    (rows x in_features x out_features, by forward hook) and every attention call (q k^T and
-    weights x v: 2 x L x L x head_dim per sequence and head, from the qkv it is given)."""
+    """Multiply-adds of one diffusion.nelbo forward pass, counted as it runs: every F.linear call
+    (rows x in_features x out_features; nn.Linear and the full head's real-token columns both call
+    it) and every attention call (q k^T and weights x v: 2 x L x L x head_dim per sequence and head,
+    from the qkv it is given)."""
     macs = 0
 
-    def linear(module, inputs, output):
+    def linear(x, weight, bias=None):
         nonlocal macs
-        macs += inputs[0].numel() * module.out_features  # = rows x in_features x out_features
+        macs += x.numel() // weight.shape[1] * weight.numel()
+        return real_linear(x, weight, bias)
 
     def attention(qkv, attention_mask):
         nonlocal macs
@@ -30,25 +33,26 @@ def counted_macs(model, x0, t, masked) -> int:
         macs += 2 * B * H * L * L * D
         return real_attention(qkv, attention_mask)
 
-    real_attention = dit.attention
-    hooks = [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    with mock.patch.object(dit, "attention", attention), torch.no_grad():
+    real_attention, real_linear = dit.attention, torch.nn.functional.linear
+    with mock.patch.object(dit, "attention", attention), mock.patch.object(torch.nn.functional, "linear", linear), torch.no_grad():
         diffusion.nelbo(model, x0, t, masked)
-    for h in hooks:
-        h.remove()
     return macs
 
 
+@pytest.mark.parametrize("adaptive_head", [0, 8], ids=["full", "adaptive"])
 @pytest.mark.parametrize("B,L,t", [(3, 32, [0.2, 0.5, 0.9]), (2, 9, [0.7, 0.05])])
-def test_flops_per_token_matches_the_counted_multiply_adds(B, L, t):
-    model = dit.DiT(CFG).eval()
+def test_flops_per_token_matches_the_counted_multiply_adds(B, L, t, adaptive_head):
+    cfg = dataclasses.replace(CFG, adaptive_head=adaptive_head)
+    model = dit.DiT(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, CFG.vocab_size - 1, (B, L), generator=g)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (B, L), generator=g)
     t = torch.tensor(t)
     masked = diffusion.mask_positions(t, torch.ones(B, L, dtype=torch.bool), g)
     fraction = int(masked.sum()) / (B * L)
+    ranks = x0[masked]  # token_rank is the identity in a fresh model
+    shares = (float(((ranks >= 8) & (ranks < 32)).float().mean()), float((ranks >= 32).float().mean()))
     # 2 FLOPs per multiply-add, x3 for forward + backward
-    assert bench.flops_per_token(CFG, L, fraction) * B * L == pytest.approx(6 * counted_macs(model, x0, t, masked), rel=1e-9)
+    assert bench.flops_per_token(cfg, L, fraction, shares) * B * L == pytest.approx(6 * counted_macs(model, x0, t, masked), rel=1e-9)
 
 
 def test_masked_fraction_is_the_mean_move_chance_of_antithetic_t():

@@ -242,6 +242,27 @@ def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp
         assert 0 < rows[estimator, 8]["se"] < 0.7 * rows[estimator, 1]["se"], rows
 
 
+def test_curve_and_sequential_cli(toy_conditional, tmp_path):
+    """variance.py --curve: fixed K takes exactly K draws a text, sequential between its first round and
+    its maximum; classify.py --max-draws reports the draws it took, per text and on average."""
+    jsonl, ckpt = toy_conditional
+    out = tmp_path / "curve.json"
+    result = run_script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", "6", "--curve", "--ks", "4",
+                        "--sequential", "2:8", "--json", out)
+    assert result.returncode == 0, result.stderr
+    fixed, seq = json.loads(out.read_text())["rows"]
+    assert fixed["mean_draws"] == 4 and 2 <= seq["mean_draws"] <= 8
+    assert fixed["accuracy"] >= 0.8 and seq["accuracy"] >= 0.8  # the toy model has learned the languages
+    out = tmp_path / "c.json"
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "2", "--max-draws", "8", "--json", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    draws = [t["draws"] for t in summary["texts"]]
+    assert set(draws) <= {2, 4, 6, 8} and summary["mean_draws"] == pytest.approx(np.mean(draws))
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "4", "--max-draws", "6")
+    assert result.returncode == 2 and "--max-draws: 6 is not a multiple of --mc-samples 4" in result.stderr
+
+
 def test_accuracy_interval_is_wilsons():
     # all 10 right: the Wilson interval is [n / (n + z^2), 1] (z = 1.96), not the degenerate [1, 1] of p +- z se
     r = classify.report(np.zeros(10, dtype=int), np.zeros(10, dtype=int), ["a", "b"])

@@ -47,14 +47,18 @@ def test_antithetic_t_covers_the_interval_evenly(n):
 
 
 class Oracle(torch.nn.Module):
-    """A 'model' that knows x0 and puts all its mass on it (logit 1e4)."""
+    """A 'model' that knows x0 and puts all its mass on it (logit 1e4); it answers as model.DiT does
+    when given targets: log p of each target under the softmax over the real tokens (SUBS)."""
     def __init__(self, x0, vocab_size):
         super().__init__()
         self.x0, self.config = x0, type("C", (), {"vocab_size": vocab_size, "time_conditioning": False})
 
-    def forward(self, xt, sigma, attention_mask=None, output_mask=None, class_labels=None):
-        logits = torch.nn.functional.one_hot(self.x0, self.config.vocab_size).float() * 1e4
-        return logits[output_mask]
+    def logits(self, output_mask):
+        return torch.nn.functional.one_hot(self.x0, self.config.vocab_size).float()[output_mask] * 1e4
+
+    def forward(self, xt, sigma, attention_mask=None, output_mask=None, class_labels=None, targets=None):
+        log_p = self.logits(output_mask)[:, :-1].log_softmax(-1)  # the mask token (last id) is no candidate
+        return log_p.gather(-1, targets[:, None])[:, 0]
 
 
 def test_perfect_predictor_has_nelbo_zero_and_uniform_has_log_v_per_masked_token():
@@ -66,7 +70,7 @@ def test_perfect_predictor_has_nelbo_zero_and_uniform_has_log_v_per_masked_token
     assert torch.all(D.nelbo(Oracle(x0, 64), x0, t, masked, attention_mask).abs() < 1e-4)
 
     class Uniform(Oracle):
-        def forward(self, xt, sigma, attention_mask=None, output_mask=None, class_labels=None):
+        def logits(self, output_mask):
             return torch.zeros(int(output_mask.sum()), 64)
     expected = masked.sum(1) * math.log(63) / t  # uniform over the 63 non-mask tokens, weight 1/t
     torch.testing.assert_close(D.nelbo(Uniform(x0, 64), x0, t, masked, attention_mask), expected.float(), rtol=1e-4, atol=0)
