@@ -414,10 +414,6 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
     p.add_argument("--mc-samples", type=data.positive(), default=4, help="K Monte-Carlo draws per text, per round (default 4)")
-    p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
-                   "standard errors of 0 gets more rounds of K draws, up to this many (default K: fixed K)")
-    p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
-                   "exceeds z standard errors (default 2)")
     p.add_argument("--estimator", choices=ESTIMATORS, default="time",
                    help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
@@ -460,6 +456,10 @@ def run(argv=None):
     p.add_argument("--ckpt", action="append", default=[],
                    help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p)
+    p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
+                   "standard errors of 0 gets more rounds of K draws, up to this many (default K: fixed K)")
+    p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
+                   "exceeds z standard errors (default 2)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the posterior temperature on the training data's held-out validation texts, store it "
                         "with the checkpoints (calibration.json) and exit; later runs use it")
