@@ -42,7 +42,7 @@ import diffusion
 import model as dit
 import train
 from convert_hf import atomic_write
-from model import DiT, DiTConfig, PRESETS
+from model import DiT, DiTConfig, PRESETS, set_runtime
 from train import ema_update
 
 IMDB_TEST_MEDIAN, IMDB_TEST_P90 = 219, 574  # GPT-2 tokens per IMDB test review (shared/data/README.md)
@@ -133,24 +133,17 @@ def in_order_batches(lengths: list[int], batch_size: int, rng=None) -> list[list
     return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
 
 
-_autocast = torch.autocast
-
-
-def _no_autocast(device_type, *args, **kwargs):
-    return _autocast(device_type, enabled=False)
-
-
 @contextlib.contextmanager
-def variant(fp32: bool = False, sdpa: bool = False, padded: bool = False):
-    """Run model.DiT in float32 (it autocasts to bf16 on CUDA), with SDPA instead of flash-attn,
+def variant(models: list, fp32: bool = False, sdpa: bool = False, padded: bool = False):
+    """Run the models (model.DiT, or torch.compile of one) in float32 rather than the device's default
+    precision (bf16 on CUDA), with SDPA instead of flash-attn's varlen kernel (model.set_runtime),
     and/or with classify.score_texts batching reviews in input order instead of by length."""
-    with contextlib.ExitStack() as stack:
-        if fp32:
-            stack.enter_context(mock.patch.object(torch, "autocast", _no_autocast))
+    for m in models:
+        m = getattr(m, "_orig_mod", m)  # the model inside torch.compile's wrapper
+        set_runtime(m, "fp32" if fp32 else "auto")
         if sdpa:
-            stack.enter_context(mock.patch.object(dit, "flash_attn_varlen_qkvpacked_func", None))
-        if padded:
-            stack.enter_context(mock.patch.object(data, "length_batches", in_order_batches))
+            m.varlen_kernel = None
+    with mock.patch.object(data, "length_batches", in_order_batches) if padded else contextlib.nullcontext():
         yield
 
 
@@ -272,7 +265,7 @@ def bench_train(cfg, device, args, compile_: bool, tokens, rank, **flags) -> dic
         ema_update(ema, model, i, 0.9999)
 
     reset_peak_memory(device)
-    with variant(**flags):
+    with variant([model, ema], **flags):
         # compiled: the 2nd step recompiles for the varying number of masked positions; not timed
         seconds, _ = timed(step, device, max(args.warmup, 2) if compile_ else args.warmup, args.steps)
     return {"tokens/s": B * L / seconds, "ms/step": 1e3 * seconds, "peak MiB": peak_memory_mib(device)}
@@ -287,7 +280,7 @@ def bench_score(models, tokens, k, device, args, warmup: int = 0, naive: bool = 
             return score_naive(models, toks, k, args.seed, device)
         return classify.score_texts(models, toks, k, args.seed, args.batch_size, device)
 
-    with variant(**flags):
+    with variant(models, **flags):
         for _ in range(warmup):
             score(tokens[:2], 1)
         reset_peak_memory(device)

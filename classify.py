@@ -46,6 +46,7 @@ import calibration
 import data
 import diffusion
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
+from model import PRECISIONS, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 
@@ -183,7 +184,7 @@ def init_distributed() -> tuple[int, int, str]:
     if torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", device_id=torch.device(device))  # binds the communicator to this GPU now
     else:
         device = "cpu"
         dist.init_process_group("gloo")
@@ -201,12 +202,13 @@ def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return calibration.softmax(-nelbo, temperature)
 
 
-def load_class_models(paths: list[str], device) -> tuple[list, list[str], list | None]:
+def load_class_models(paths: list[str], device, precision: str = "auto") -> tuple[list, list[str], list | None]:
     """The scorers of a classifier: (models, class names, class labels or None).
 
     One class-conditional checkpoint (train.py --class all): the same model C times with labels
     0..C-1. Several checkpoints: one unconditional class model per class, in class order (labels
-    None). Raises CheckpointError if the model configs differ, a conditional checkpoint is not
+    None). Each model is set up for inference at `precision` (model.set_runtime: on CUDA the weights
+    are cast to bf16 once). Raises CheckpointError if the model configs differ, a conditional checkpoint is not
     alone, a class model was trained for another class index or on other classes, or there is not
     one checkpoint per class of its training data; DataError if the vocabulary is not GPT-2's.
     """
@@ -220,7 +222,7 @@ def load_class_models(paths: list[str], device) -> tuple[list, list[str], list |
         names = raw0.get("classes") or [str(c) for c in range(cfg0.n_classes)]
         if len(names) != cfg0.n_classes:
             raise CheckpointError(f"{paths[0]}: n_classes {cfg0.n_classes} but {len(names)} class names")
-        model = load_hf(paths[0]).to(device)
+        model = set_runtime(load_hf(paths[0]).to(device), precision, inference=True)
         return [model] * cfg0.n_classes, list(names), list(range(cfg0.n_classes))
     for p, (cfg, raw) in zip(paths, configs):
         if cfg.n_classes:
@@ -239,7 +241,7 @@ def load_class_models(paths: list[str], device) -> tuple[list, list[str], list |
         if raw.get("class_index", c) != c:
             raise CheckpointError(f"{p}: trained for class {raw['class_index']}, but passed as class {c}")
         names.append(raw.get("class_name", str(c)))
-    return [load_hf(p).to(device) for p in paths], names, None
+    return [set_runtime(load_hf(p).to(device), precision, inference=True) for p in paths], names, None
 
 
 def calibration_key(paths: list[str]) -> list[str]:
@@ -314,13 +316,14 @@ class DiffusionClassifier:
     @classmethod
     def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 4, seed: int = 0,
                          batch_size: int = 32, estimator: str = "time", max_draws: int | None = None,
-                         z: float = 2.0) -> "DiffusionClassifier":
+                         z: float = 2.0, precision: str = "auto") -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
-        calibration.json. Raises CheckpointError / DataError as load_class_models, and CheckpointError for
-        the count estimator on a time-conditioned model."""
+        calibration.json, at `precision` (model.set_runtime). Raises CheckpointError / DataError as
+        load_class_models, CheckpointError for the count estimator on a time-conditioned model, and
+        ValueError for a precision this device cannot run."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        models, classes, class_labels = load_class_models(paths, device)
+        models, classes, class_labels = load_class_models(paths, device, precision)
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
@@ -417,6 +420,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimator", choices=ESTIMATORS, default="time",
                    help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
 
 
@@ -472,8 +477,11 @@ def run(argv=None):
     rank, world, device = init_distributed()
     if args.max_draws and args.max_draws % args.mc_samples:
         p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
-    clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
-                                               args.max_draws, args.z)
+    try:
+        clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
+                                                   args.max_draws, args.z, args.precision)
+    except ValueError as e:  # a precision this device cannot run
+        p.error(f"argument --precision: {e}")
     if args.calibrate:
         calibrate(args, clf, paths, rank)
         return

@@ -29,6 +29,7 @@ import torch
 import data
 from classify import add_scoring_args, labeled_texts, read_input, score_texts
 from convert_hf import CheckpointError, load_hf, read_config
+from model import set_runtime
 
 
 def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
@@ -75,6 +76,8 @@ def main(argv=None):
         run(args)
     except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except ValueError as e:  # model.set_runtime: a precision this device cannot run
+        p.error(f"argument --precision: {e}")
 
 
 def run(args):
@@ -87,7 +90,7 @@ def run(args):
     per_text = np.zeros((len(texts), len(args.ckpt)))               # NELBO in nats, text x checkpoint
     results, start = [], time.perf_counter()
     for m, path in enumerate(args.ckpt):
-        model = load_hf(path).to(device)
+        model = set_runtime(load_hf(path).to(device), args.precision, inference=True)
         cfg = model.config
         data.check_vocab(cfg.vocab_size, path)
         if args.estimator == "count" and cfg.time_conditioning:

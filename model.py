@@ -69,7 +69,7 @@ class TimestepEmbedder(nn.Module):
         half = FREQ_EMBED_DIM // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
         args = sigma.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class Rotary(nn.Module):
@@ -112,21 +112,64 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_runtime(model: "DiT", precision: str = "auto", inference: bool = False) -> "DiT":
+    """Choose how `model` runs on the device its weights are on; returns it.
+
+    precision: "auto" (bf16 on CUDA, as the reference trains; fp32 on CPU), "fp32", "bf16" or
+    "fp16": the autocast dtype of the blocks and the output layer (LayerNorm and rotary stay fp32).
+    On CUDA with bf16/fp16 and flash-attn installed, attention takes flash-attn's variable-length
+    kernel; otherwise PyTorch SDPA. inference=True also casts the nn.Linear weights to that dtype
+    once, not in every forward (the embedding, LayerNorm and rotary stay float32). Raises ValueError for
+    an unknown precision, and for bf16 on a GPU without bf16 support (e.g. V100, T4), naming fp16
+    and fp32 instead.
+    """
+    cuda = next(model.parameters()).is_cuda
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected auto, {', '.join(PRECISIONS)}")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name()}) has no bf16; pass --precision fp16 (inference) or fp32")
+    model.precision = precision
+    model.varlen_kernel = flash_attn_varlen_qkvpacked_func if cuda and precision != "fp32" else None
+    if inference and precision != "fp32":  # what autocast would cast in every forward: the matmul weights
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.to(PRECISIONS[precision])
+    return model
+
+
+def unpad(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> tuple:
+    """The packed layout of the variable-length kernel, computed once per forward: (indices of the
+    real tokens in the flattened [B * L] batch, or None when there is no padding (no gather at all),
+    cu_seqlens int32 [B + 1], max_seqlen int). attention_mask: bool [B, L] or None."""
+    if attention_mask is None:
+        return None, torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), length
+    lengths = attention_mask.sum(1, dtype=torch.int32)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return attention_mask.flatten().nonzero()[:, 0], cu_seqlens, int(lengths.max())
+
+
+def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None, packing: tuple | None = None, kernel=None) -> torch.Tensor:
     """Bidirectional softmax attention, scale 1/sqrt(head_dim).
 
     qkv: [B, L, 3, H, D] (rotary already applied to q and k). attention_mask: bool [B, L], True at
-    real tokens; padding keys are never attended to. Returns [B, L, H*D]. Uses flash-attn's
-    variable-length kernel for CUDA bf16/fp16 when it is installed, otherwise PyTorch SDPA.
+    real tokens, or None; padding keys are never attended to. Returns [B, L, H*D]. kernel: None
+    for PyTorch SDPA on the padded batch, or a function with the signature of flash-attn's
+    `flash_attn_varlen_qkvpacked_func(qkv [T, 3, H, D], cu_seqlens int32 [B + 1], max_seqlen int,
+    dropout_p, causal=False) -> [T, H, D]` run on the real tokens only, laid out by `packing` (unpad).
     """
     B, L, _, H, D = qkv.shape
-    if flash_attn_varlen_qkvpacked_func is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16):
-        if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.bool, device=qkv.device)
-        lengths = attention_mask.sum(1, dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        out = flash_attn_varlen_qkvpacked_func(qkv[attention_mask], cu_seqlens, int(lengths.max()), 0.0, causal=False)
-        return out.new_zeros(B, L, H, D).masked_scatter_(attention_mask[..., None, None], out).reshape(B, L, H * D)
+    if kernel is not None:
+        indices, cu_seqlens, max_seqlen = packing
+        flat = qkv.reshape(B * L, 3, H, D)
+        out = kernel(flat if indices is None else flat[indices], cu_seqlens, max_seqlen, 0.0, causal=False)
+        if indices is not None:  # back to [B * L]; padding rows get zeros (their outputs are never read)
+            out = out.new_zeros(B * L, H, D).index_copy_(0, indices, out)
+        return out.reshape(B, L, H * D)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
     mask = None if attention_mask is None else attention_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, H * D)
@@ -147,13 +190,13 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(approximate="tanh"), nn.Linear(MLP_RATIO * dim, dim))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * dim)
 
-    def forward(self, x, c, cos, sin, attention_mask):
+    def forward(self, x, c, cos, sin, attention_mask, packing=None, kernel=None):
         B, L, dim = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_heads, dim // self.n_heads)
         qk = apply_rotary(qkv[:, :, :2], cos, sin)  # v is not rotated
         qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)
-        h = self.attn_out(attention(qkv, attention_mask))
+        h = self.attn_out(attention(qkv, attention_mask, packing, kernel))
         # reference order: residual + gate * dropout(branch)
         x = x + gate_msa * F.dropout(h, self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -244,6 +287,7 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(cfg)
         if cfg.n_classes:  # row n_classes = "no class": p(x) from the same weights as p(x | c)
             self.class_embed = nn.Embedding(cfg.n_classes + 1, cfg.cond_dim)  # N(0, 1), see the module docstring
+        self.precision, self.varlen_kernel = "fp32", None  # set_runtime chooses them for a device
         # adaLN-Zero initialisation (Peebles & Xie 2023): every block starts as the identity
         # (of the adaptive head only its head layer: a zero tail would get no gradient, a product of two zeros)
         head = self.output_layer.adaptive.head if cfg.adaptive_head else self.output_layer.linear
@@ -267,10 +311,13 @@ class DiT(nn.Module):
         targets: LongTensor [N] (needs output_mask), the clean tokens x0 at the N selected positions:
         then returns float32 [N], log p_theta(x0_i | x_t) under SUBS (Sahoo et al. 2024, Eq. 8: the
         softmax over the vocab_size - 1 real tokens), without ever building [N, vocab_size] log-probabilities.
-        On CUDA the blocks and output layer run under bf16 autocast, as in the reference.
+        The blocks and output layer run under autocast to self.precision (set_runtime; fp32 = off).
         """
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing to hide: lets SDPA pick its fastest kernel
+        if attention_mask is not None:
+            assert attention_mask.dtype == torch.bool, f"attention_mask must be bool (True at real tokens), got {attention_mask.dtype}"
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing to hide: SDPA picks its fastest kernel, the varlen path gathers nothing
+        packing = unpad(attention_mask, *input_ids.shape, input_ids.device) if self.varlen_kernel is not None else None
         x = self.vocab_embed(input_ids)
         c = self.sigma_map(sigma)
         if self.config.n_classes:
@@ -281,9 +328,10 @@ class DiT(nn.Module):
             raise ValueError("class_labels given to an unconditional model (n_classes = 0)")
         c = F.silu(c)
         cos, sin = self.rotary_emb(input_ids.shape[1])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             for block in self.blocks:
-                x = block(x, c, cos, sin, attention_mask)
+                x = block(x, c, cos, sin, attention_mask, packing, self.varlen_kernel)
             if output_mask is None:
                 logits = self.output_layer(x, c[:, None])
             else:

@@ -22,6 +22,7 @@ import torch
 import data
 import diffusion
 from convert_hf import CheckpointError, load_hf
+from model import set_runtime
 
 GPT2_VOCAB = 50257  # tiktoken "gpt2" ids 0..50256; the model adds the mask token after them
 
@@ -75,7 +76,7 @@ def main(argv=None):
         sys.exit(f"error: --prompt has token ids >= {mask_index}, outside this checkpoint's vocabulary (vocab_size {cfg.vocab_size})")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    set_runtime(model.to(device), "auto", inference=True)  # bf16 on CUDA, fp32 on CPU
     sampler = diffusion.ddpm_cache if args.cache else diffusion.ddpm
     generator = torch.Generator().manual_seed(args.seed)
     enc = data.get_tokenizer()

@@ -63,15 +63,15 @@ import data
 import diffusion
 from classify import fail, init_distributed, score_texts
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
-from model import DiT, PRESETS
+from model import DiT, PRESETS, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
 STATE = "train_state.safetensors"
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
-TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
+TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
               "text_field", "label_field", "label_dropout", "unlabeled")
-ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": None}  # what a train state written before these flags ran with
+ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": None, "precision": "auto"}  # what a train state written before these flags ran with
 
 
 def parse_args(argv=None):
@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
+                        "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
     p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction, default=True,
                    help="--class all: also train on the unlabeled texts (IMDB's unsup split), under 'no class'")
     p.add_argument("--label-dropout", type=float, default=0.1,
@@ -237,10 +240,11 @@ def resume(args, model, ema, opt) -> int:
         ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
-    for i, p in enumerate(model.parameters()):
-        if f"adam.{i}.exp_avg" in state:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": state[f"adam.{i}.exp_avg"].to(p.device),
-                            "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"].to(p.device)}
+    moments = {i: {"step": torch.tensor(float(step)), "exp_avg": state[f"adam.{i}.exp_avg"],
+                    "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"]}
+               for i in range(len(list(model.parameters()))) if f"adam.{i}.exp_avg" in state}
+    # through the optimizer's own loader: it places and casts the moments as its implementation (fused, capturable) needs
+    opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
     return step
 
 
@@ -298,7 +302,10 @@ def train(args, stop: list):
     if not train:
         raise data.DataError(f"class {name}: no texts to train on in {args.data or 'IMDB'}")
     tokens = data.encode([r.text for r in train])
-    model = init_model(args, n_classes, tokens).to(device).train()
+    try:
+        model = set_runtime(init_model(args, n_classes, tokens).to(device).train(), args.precision)
+    except ValueError as e:  # bf16 on a GPU without it
+        fail(f"error: --precision {args.precision}: {e}")
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length

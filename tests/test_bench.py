@@ -27,11 +27,11 @@ def counted_macs(model, x0, t, masked) -> int:
         macs += x.numel() // weight.shape[1] * weight.numel()
         return real_linear(x, weight, bias)
 
-    def attention(qkv, attention_mask):
+    def attention(qkv, attention_mask, *args):
         nonlocal macs
         B, L, _, H, D = qkv.shape
         macs += 2 * B * H * L * L * D
-        return real_attention(qkv, attention_mask)
+        return real_attention(qkv, attention_mask, *args)
 
     real_attention, real_linear = dit.attention, torch.nn.functional.linear
     with mock.patch.object(dit, "attention", attention), mock.patch.object(torch.nn.functional, "linear", linear), torch.no_grad():

@@ -56,6 +56,33 @@ def test_schedule_matches_reference(expected):
         torch.testing.assert_close(fn(t), expected[key], atol=1e-6, rtol=1e-6)
 
 
+@torch.no_grad()
+def test_time_conditioned_nelbo_matches_the_reference_logits(expected):
+    """With time_conditioning the NELBO path feeds sigma(t) to the backbone: its NELBO is the one the
+    reference's logits for (x_t, sigma) give (logits_sigma, SUBS over the 63 real tokens, weight 1/t)."""
+    model = load_hf(str(FIXTURE))
+    model.config.time_conditioning = True
+    log_p = expected["logits_sigma"][..., :63].double().log_softmax(-1).gather(-1, expected["x0"][..., None])[..., 0]
+    reference = (-log_p * expected["mask"]).sum(1) * expected["loss_weight"].double()
+    torch.testing.assert_close(diffusion.nelbo(model, expected["x0"], expected["t"], expected["mask"]), reference.float(),
+                               atol=1e-3, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_padded_batch_matches_the_reference(model, expected):
+    """The fixture's sequences with 8 padding positions appended (holding arbitrary tokens, some masked
+    in x_t): the real positions' logits and the NELBO are the reference's."""
+    B, L = expected["input_ids"].shape
+    junk = torch.randint(0, 64, (B, 8), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.cat([expected["input_ids"], junk], 1)
+    attention_mask = torch.cat([torch.ones(B, L, dtype=torch.bool), torch.zeros(B, 8, dtype=torch.bool)], 1)
+    logits = model(input_ids, expected["sigma_zero"], attention_mask)
+    torch.testing.assert_close(logits[:, :L], expected["logits"], atol=1e-5, rtol=0)
+    x0 = torch.cat([expected["x0"], junk], 1)
+    masked = torch.cat([expected["mask"], torch.zeros(B, 8, dtype=torch.bool)], 1)
+    torch.testing.assert_close(diffusion.nelbo(model, x0, expected["t"], masked, attention_mask), expected["nelbo"], atol=1e-4, rtol=0)
+
+
 def test_small_preset_has_the_real_checkpoint_keys():
     with torch.device("meta"):
         state = DiT(PRESETS["small"]).state_dict()
