@@ -257,7 +257,7 @@ def bench_train(cfg, device, args, compile_: bool, tokens, rank, **flags) -> dic
     def step(i):
         t = diffusion.antithetic_t(B, g)
         masked = diffusion.mask_positions(t, attention_mask, g).to(device)
-        loss = diffusion.nelbo(forward, x0, t.to(device), masked, attention_mask.to(device)).sum() / (B * L)
+        loss = diffusion.nelbo(forward, x0, t.to(device), masked).sum() / (B * L)  # full length: no padding, no mask
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

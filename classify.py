@@ -95,8 +95,10 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     batches = data.length_batches(lengths, max(1, batch_size // k))[rank::world]  # under torchrun: every world-th batch
     for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch", leave=False):
         n_lengths, n_seeds = [lengths[i] for i in idx], [seeds[i] for i in idx]
-        x0, attention_mask = data.collate([pieces[i] for i in idx], device)
-        x0, attention_mask = x0.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+        x0, attention_mask = data.collate([pieces[i] for i in idx])
+        x0 = x0.repeat_interleave(k, 0).to(device)
+        # on the CPU, where it costs no device sync: a batch without padding needs no mask (model.DiT)
+        attention_mask = None if attention_mask.all() else attention_mask.repeat_interleave(k, 0).to(device)
         if estimator == "count":
             masked = diffusion.per_text_count_draws(n_lengths, k, n_seeds).to(device)
         else:

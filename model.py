@@ -303,7 +303,9 @@ class DiT(nn.Module):
         input_ids: LongTensor [B, L], L <= model_length. sigma: FloatTensor [B], the noise level
         (diffusion.py passes zeros when time_conditioning is False). attention_mask: BoolTensor [B, L],
         True at real tokens; padding is never attended to, so outputs at real positions equal those
-        of each sequence run alone. output_mask: BoolTensor [B, L] or None; when given, logits are
+        of each sequence run alone. Pass None when there is no padding: SDPA then takes its fastest
+        kernel and the varlen path gathers nothing (the forward does not check, which would cost a
+        device-to-host sync). output_mask: BoolTensor [B, L] or None; when given, logits are
         computed only where it is True (the NELBO needs only masked positions). class_labels:
         LongTensor [B] in 0..n_classes (n_classes = "no class"), or None = "no class" for every row;
         must be None for an unconditional model (n_classes = 0). Raises ValueError otherwise.
@@ -315,8 +317,6 @@ class DiT(nn.Module):
         """
         if attention_mask is not None:
             assert attention_mask.dtype == torch.bool, f"attention_mask must be bool (True at real tokens), got {attention_mask.dtype}"
-            if bool(attention_mask.all()):
-                attention_mask = None  # nothing to hide: SDPA picks its fastest kernel, the varlen path gathers nothing
         packing = unpad(attention_mask, *input_ids.shape, input_ids.device) if self.varlen_kernel is not None else None
         x = self.vocab_embed(input_ids)
         c = self.sigma_map(sigma)

@@ -395,10 +395,12 @@ def train(args, stop: list):
             t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
             masked = diffusion.mask_positions(t, attention_mask, g)
+            attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
             y = None
             if n_classes:
                 y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
-            parts.append((args.seed * 1_000_003 + m, *(a.to(device) for a in (x0, attention_mask, t, masked)), y))
+            parts.append((args.seed * 1_000_003 + m, x0.to(device), None if attention_mask is None else attention_mask.to(device),
+                          t.to(device), masked.to(device), y))
         loss_sum = step_backward(ddp, parts, n_tokens, world)
         # one all-reduce for what every rank must agree on: the step's loss and whether to stop
         agreed = torch.stack([loss_sum, torch.tensor(float(len(stop)), dtype=torch.float64, device=device)])
