@@ -6,10 +6,12 @@ import pytest
 from conftest import FIXTURE, run_script
 from convert_hf import load_hf
 
+STEPS = 30  # the two class models' training steps (lr 1e-2): they then separate the fake reviews' words
+
 
 def train(tree, out, cls, steps, *extra):
     return run_script("train.py", "--class", str(cls), "--data", str(tree), "--init", "scratch", "--preset", "tiny",
-               "--lr", "1e-3", "--max-steps", str(steps), "--batch-size", "4", "--eval-every", "2",
+               "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", str(steps), "--batch-size", "4", "--eval-every", str(max(1, steps // 2)),
                "--val-reviews", "2", "--out", str(out), *extra)
 
 
@@ -18,8 +20,8 @@ def class_models(tmp_path_factory):
     from conftest import make_imdb_tree
     root = tmp_path_factory.mktemp("cli")
     tree = make_imdb_tree(root / "imdb")
-    for cls in (0, 1):
-        result = train(tree, root / f"c{cls}", cls, 4)
+    for cls in (0, 1):  # enough steps to tell the fake tree's pos words from its neg words
+        result = train(tree, root / f"c{cls}", cls, STEPS)
         assert result.returncode == 0, result.stderr
     return tree, root
 
@@ -27,9 +29,9 @@ def class_models(tmp_path_factory):
 def test_train_writes_a_loadable_checkpoint_and_a_validation_curve(class_models):
     tree, root = class_models
     config = json.loads((root / "c1" / "config.json").read_text())
-    assert config["class_index"] == 1 and config["class_name"] == "pos" and config["step"] == 4
+    assert config["class_index"] == 1 and config["class_name"] == "pos" and config["step"] == STEPS
     log = [json.loads(line) for line in (root / "c1" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "val_nats_per_token" in r] == [0, 2, 4]
+    assert [r["step"] for r in log if "val_nats_per_token" in r] == [0, STEPS // 2, STEPS]
     assert all(r["loss"] > 0 for r in log if "loss" in r)
     assert not load_hf(str(root / "c1")).training
 
@@ -47,11 +49,11 @@ def test_resume_continues_from_the_saved_step(class_models, tmp_path):
     tree, root = class_models
     import shutil
     shutil.copytree(root / "c0", tmp_path / "c0")
-    result = train(tree, tmp_path / "c0", 0, 6, "--resume")
+    result = train(tree, tmp_path / "c0", 0, STEPS, "--resume", "--max-steps", str(STEPS + 2))
     assert result.returncode == 0, result.stderr
     log = [json.loads(line) for line in (tmp_path / "c0" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert json.loads((tmp_path / "c0" / "config.json").read_text())["step"] == 6
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, STEPS + 3))
+    assert json.loads((tmp_path / "c0" / "config.json").read_text())["step"] == STEPS + 2
 
 
 def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
@@ -62,21 +64,25 @@ def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     cm = summary["confusion_matrix"]
-    assert sum(map(sum, cm)) == 8 and [sum(row) for row in cm] == [4, 4]
-    assert summary["accuracy"] == (cm[0][0] + cm[1][1]) / 8
-    assert len(summary["texts"]) == 8 and all(abs(sum(t["posterior"]) - 1) < 1e-6 for t in summary["texts"])
+    assert [sum(row) for row in cm] == [4, 4] and summary["accuracy"] == (cm[0][0] + cm[1][1]) / 8
+    # the models have learned the classes' words: a classifier that picked the worse class would score <= 2/8
+    assert cm[0][0] >= 3 and cm[1][1] >= 3, cm
+    texts = summary["texts"]
+    assert len(texts) == 8 and all(t["posterior"][t["label"]] > 0.5 for t in texts if t["pred"] == t["label"])
+    assert all(t["nelbo"][t["pred"]] == min(t["nelbo"]) for t in texts)  # the decision is the lower bound's class
     assert "confusion matrix" in result.stdout
 
 
 def test_classify_user_texts_from_stdin(class_models):
     tree, root = class_models
     result = run_script("classify.py", "--ckpt0", str(root / "c0"), "--ckpt1", str(root / "c1"), "--input", "-",
-                 stdin="a wonderful film\n\nan awful film\n")
+                 stdin="the film was great wonderful superb loved\n\nthe film was awful terrible boring hated\n")
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert header == ["line", "class", "posterior", "text"]
-    assert [r[0] for r in rows] == ["1", "3"] and all(r[1] in ("neg", "pos") and 0.5 <= float(r[2]) <= 1 for r in rows)
-    assert [r[3] for r in rows] == ["a wonderful film", "an awful film"]
+    assert [r[0] for r in rows] == ["1", "3"] and [r[1] for r in rows] == ["pos", "neg"]
+    assert all(0.5 < float(r[2]) <= 1 for r in rows)
+    assert [r[3] for r in rows] == ["the film was great wonderful superb loved", "the film was awful terrible boring hated"]
     assert "2 texts from --input - (blank lines skipped)" in result.stderr
 
 
