@@ -482,7 +482,9 @@ def run(argv=None):
     try:
         clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
                                                    args.max_draws, args.z, args.precision)
-    except ValueError as e:  # a precision this device cannot run
+    except ValueError as e:  # a precision this device cannot run (CheckpointError and DataError are ValueErrors too)
+        if isinstance(e, (CheckpointError, data.DataError)):
+            raise
         p.error(f"argument --precision: {e}")
     if args.calibrate:
         calibrate(args, clf, paths, rank)

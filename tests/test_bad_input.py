@@ -94,6 +94,7 @@ def _write_config(folder, **changes):
 def test_bad_checkpoint_is_named_by_classify(pair, tmp_path, capsys, edit, words):
     folder = _copy_of(pair[0] / "neg", tmp_path, edit)
     message = classify_error(pair, "--limit", 2, capsys=capsys, ckpts=(folder, pair[0] / "pos"))
+    assert message.startswith("error: ")  # the checkpoint's own error, not a usage line blaming a flag
     for w in words:
         assert w in message
 
