@@ -302,8 +302,9 @@ def train(args, stop: list):
     if not train:
         raise data.DataError(f"class {name}: no texts to train on in {args.data or 'IMDB'}")
     tokens = data.encode([r.text for r in train])
+    model = init_model(args, n_classes, tokens).to(device).train()
     try:
-        model = set_runtime(init_model(args, n_classes, tokens).to(device).train(), args.precision)
+        set_runtime(model, args.precision)
     except ValueError as e:  # bf16 on a GPU without it
         fail(f"error: --precision {args.precision}: {e}")
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
@@ -322,7 +323,9 @@ def train(args, stop: list):
     step = resume(args, model, ema, opt) if args.resume else 0
     last_saved = step if args.resume else None
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
-        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
+        # an adaptive head's tail cluster gets no gradient in a micro-batch with no target in it
+        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None,
+                                      find_unused_parameters=bool(model.config.adaptive_head))
         ddp.config = model.config  # diffusion.nelbo reads it
     else:
         ddp = model

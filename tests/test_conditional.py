@@ -28,7 +28,7 @@ MASK = 63  # fixture: vocab_size 64
 def test_conditional_model_from_an_unconditional_checkpoint_starts_as_the_loaded_function():
     expected = load_file(FIXTURE / "expected.safetensors")
     args = argparse.Namespace(init=str(FIXTURE), seed=0, preset=None)
-    model = train.init_model(args, n_classes=2).eval()
+    model = train.init_model(args, n_classes=2, tokens=[]).eval()  # tokens: only a fresh adaptive head reads them
     assert model.config.n_classes == 2 and model.class_embed.weight.shape == (3, model.config.cond_dim)
     for label in (0, 1, 2, None):  # every class, "no class" (2), and no labels at all
         labels = None if label is None else torch.full((len(expected["input_ids"]),), label)
@@ -233,13 +233,13 @@ def test_ece_on_known_cases():
 def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp_path):
     jsonl, ckpt = toy_conditional
     out = tmp_path / "v.json"
-    result = run_script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", "6", "--ks", "1,8",
-                        "--replicates", "3", "--json", out)
+    result = run_script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", "6", "--ks", "1,16",
+                        "--replicates", "4", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = {(r["estimator"], r["k"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(e, k) for e in classify.ESTIMATORS for k in (1, 8)}
-    for estimator in classify.ESTIMATORS:  # 8x the draws: a clearly smaller standard error
-        assert 0 < rows[estimator, 8]["se"] < 0.7 * rows[estimator, 1]["se"], rows
+    assert set(rows) == {(e, k) for e in classify.ESTIMATORS for k in (1, 16)}
+    for estimator in classify.ESTIMATORS:  # 16x the draws: ideally 1/4 the standard error; the estimate of it is noisy
+        assert 0 < rows[estimator, 16]["se"] < 0.6 * rows[estimator, 1]["se"], rows
 
 
 def test_curve_and_sequential_cli(toy_conditional, tmp_path):
