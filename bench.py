@@ -1,6 +1,6 @@
 """Speed and memory of training and classification, against the machine's own limit, in one run.
 
-    python bench.py --real --json bench.json               # CPU: the tiny and cpu presets, a few minutes
+    python bench.py --real --json bench.json               # CPU: the tiny preset, a few minutes
     python bench.py --preset small --compile               # CUDA: every variant
 
 Machine limit (CPU): float32 torch.mm FLOP/s at a large square size and at the models' own shapes
@@ -371,7 +371,7 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", nargs="+", choices=PRESETS, help="model sizes (default: small on CUDA, tiny and cpu on CPU)")
+    p.add_argument("--preset", nargs="+", choices=PRESETS, help="model sizes (default: small on CUDA, tiny on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU, in TFLOP/s (default: known GPUs' dense bf16; "
                    "on CPU the float32 torch.mm limit measured in the same run)")
@@ -391,7 +391,7 @@ def main():
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
-    for name, gpu, cpu in [("preset", ["small"], ["tiny", "cpu"]), ("steps", 20, 3), ("warmup", 3, 1), ("train_batch", 16, 4),
+    for name, gpu, cpu in [("preset", ["small"], ["tiny"]), ("steps", 20, 3), ("warmup", 3, 1), ("train_batch", 16, 4),
                            ("reviews", 512, 32), ("naive_reviews", 32, 2), ("batch_size", 64, 32)]:
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)

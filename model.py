@@ -50,7 +50,6 @@ PRESETS = {
     # CPU-sized: 2 blocks of width 128, 512 tokens (87% of IMDB reviews whole). Its adaptive head costs
     # ~1/12 of a full 50,258-way one (README "Speed"); the 6.4M-entry embedding is most of its 8.2M parameters.
     "tiny": DiTConfig(model_length=512, hidden_dim=128, cond_dim=64, n_blocks=2, n_heads=4, adaptive_head=4096),
-    "cpu": DiTConfig(model_length=512, hidden_dim=256, cond_dim=128, n_blocks=4, n_heads=4, adaptive_head=4096),
 }
 
 FREQ_EMBED_DIM = 256   # sinusoidal time-embedding width (hard-coded in the reference)
