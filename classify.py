@@ -295,15 +295,16 @@ class DiffusionClassifier:
     prior; the temperature T comes from the checkpoints' calibration.json (1 without one).
     """
 
-    def __init__(self, models: list, classes: list[str], mc_samples: int = 4, seed: int = 0, batch_size: int = 32,
+    def __init__(self, models: list, classes: list[str], mc_samples: int = 2, seed: int = 0, batch_size: int = 32,
                  class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
                  max_draws: int | None = None, z: float = 2.0):
         """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
-        C times with class_labels 0..C-1); classes: their names. mc_samples: K draws per text (per round);
-        max_draws (default K: fixed K) and z: sequential scoring (score_sequential); batch_size:
+        C times with class_labels 0..C-1); classes: their names. Sequential scoring (score_sequential):
+        rounds of mc_samples = K draws, up to max_draws (default 4 K; = K for fixed-K scoring) per
+        text, a text stopping once its margin exceeds z standard errors; batch_size:
         sequences (window x draw) per forward pass; estimator: "time" or "count" (score_draws).
         Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an unknown estimator."""
-        max_draws = max_draws or mc_samples
+        max_draws = max_draws or 4 * mc_samples
         if mc_samples < 1 or batch_size < 1 or not temperature > 0 or max_draws % mc_samples or not z > 0:
             raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
                              f"multiple of mc_samples, z {z} and temperature {temperature} > 0")
@@ -316,7 +317,7 @@ class DiffusionClassifier:
         self.device = next(models[0].parameters()).device
 
     @classmethod
-    def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 4, seed: int = 0,
+    def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 2, seed: int = 0,
                          batch_size: int = 32, estimator: str = "time", max_draws: int | None = None,
                          z: float = 2.0, precision: str = "auto") -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
@@ -418,7 +419,8 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
     p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=4, help="K Monte-Carlo draws per text, per round (default 4)")
+    p.add_argument("--mc-samples", type=data.positive(), default=2,
+                   help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
     p.add_argument("--estimator", choices=ESTIMATORS, default="time",
                    help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
@@ -448,7 +450,7 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
     record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
               "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": clf.estimator,
-              "mc_samples": clf.mc_samples, "before": before, "after": after}
+              "mc_samples": clf.mc_samples, "max_draws": clf.max_draws, "before": before, "after": after}
     for p in paths:
         atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(record, indent=1) + "\n"))
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
@@ -464,7 +466,7 @@ def run(argv=None):
                    help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p)
     p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
-                   "standard errors of 0 gets more rounds of K draws, up to this many (default K: fixed K)")
+                   "standard errors of 0 gets more rounds of K draws, up to this many (default 4 K; K = fixed K)")
     p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
                    "exceeds z standard errors (default 2)")
     p.add_argument("--calibrate", action="store_true",

@@ -145,9 +145,14 @@ def load_hf(path_or_repo_id: str = DEFAULT_REPO) -> DiT:
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over path, so a crash never leaves a half-written file."""
+    """write(tmp_path), then rename over path, so a crash never leaves a half-written file. The file
+    gets the permissions of a plain new file (0666 less the umask: 0644 usually), readable by
+    colleagues on a shared disk (safetensors writes 0600)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

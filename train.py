@@ -22,7 +22,7 @@ Objective: the continuous-time NELBO of diffusion.py, in nats per real token of 
 optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
 step's real tokens, so a token weighs the same in a short text as in a long one), with
 antithetic t over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at
-1, bf16 autocast on CUDA. An EMA of the weights, started from the *loaded* weights, is what gets
+1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the weights, started from the *loaded* weights, is what gets
 validated, saved as model.safetensors and used by classify.py. Per-class models must be trained
 with identical flags (only --class differs).
 

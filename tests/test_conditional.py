@@ -118,7 +118,7 @@ def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():
     model = load_hf(str(FIXTURE))
     texts = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7], list(range(1, 60))]
     for estimator in classify.ESTIMATORS:
-        clf = DiffusionClassifier([model, model], ["a", "b"], mc_samples=3, estimator=estimator)
+        clf = DiffusionClassifier([model, model], ["a", "b"], mc_samples=3, max_draws=3, estimator=estimator)
         draws = clf.draws(texts)
         assert draws.shape == (3, 2, 3) and np.all(draws >= 0) and np.mean(draws > 0) > 0.5
         assert np.array_equal(draws[:, 0], draws[:, 1])

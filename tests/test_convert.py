@@ -150,3 +150,15 @@ def test_save_checkpoint_round_trip(tmp_path, model):
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     assert json.loads((tmp_path / "rt" / "config.json").read_text())["class_index"] == 1
+
+
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    """Under the usual umask 022 every file of a checkpoint is 0644 (safetensors alone writes 0600)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(load_hf(str(FIXTURE)).state_dict(), load_hf(str(FIXTURE)).config, tmp_path / "c")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}, modes
