@@ -46,7 +46,7 @@ import calibration
 import data
 import diffusion
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
-from model import PRECISIONS, set_runtime
+from model import PRECISIONS, PrecisionError, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 
@@ -120,6 +120,10 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     return out
 
 
+class ScoringError(ValueError):
+    """A NELBO that is not a finite number."""
+
+
 def score_sequential(models: list, token_lists: list[list[int]], k: int, max_draws: int, z: float, seed: int,
                      batch_size: int, device, class_labels: list | None = None, estimator: str = "time",
                      progress: bool = False) -> np.ndarray:
@@ -132,16 +136,23 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     to max_draws. Clear texts thus stop at k draws and close ones get up to max_draws. Every text
     gets round 0, so max_draws = k is fixed-K scoring, and a text stopped after r rounds holds the
     draws that fixed K = r x k in rounds of k would give it. The test is repeated after every
-    round without correction, so z is a stopping threshold, not a guaranteed error rate.
-    Raises ValueError unless max_draws is a multiple of k and z > 0.
+    round without correction, and after a first round of k = 2 draws the standard error has one
+    degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
+    a stopping threshold whose worth was measured (README "Speed"), not a guaranteed error rate.
+    Raises ValueError unless max_draws is a multiple of k and z > 0, and ScoringError for a NaN or
+    infinite NELBO (e.g. fp16 overflow), which would otherwise read as a draw not taken.
     """
     if max_draws % k or not z > 0:
         raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
     draws = np.full((len(token_lists), len(models), max_draws), np.nan)
     active = np.arange(len(token_lists))
     for r in range(max_draws // k):
-        draws[active, :, r * k:(r + 1) * k] = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
-                                                           class_labels, estimator, progress, index=active, stream=r)
+        new = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
+                          class_labels, estimator, progress, index=active, stream=r)
+        if not np.isfinite(new).all():
+            bad = int(active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]])
+            raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite (at --precision fp16 it can overflow; try fp32)")
+        draws[active, :, r * k:(r + 1) * k] = new
         if k == 1 and r == 0:
             continue  # one draw gives no standard error
         margin, se = paired_margin(draws[active, :, :(r + 1) * k])
@@ -251,7 +262,7 @@ def calibration_key(paths: list[str]) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
-def read_temperature(paths: list[str], estimator: str, mc_samples: int) -> tuple[float, str]:
+def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
     """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate);
     T = 1 (softmax of -NELBO, uncalibrated) when there is none, or it was fitted for other
     checkpoints or another estimator (the spread of the scores, and so T, depends on the noise
@@ -268,7 +279,8 @@ def read_temperature(paths: list[str], estimator: str, mc_samples: int) -> tuple
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
     if saved.get("estimator") != estimator:
         return 1.0, f"uncalibrated ({path} was fitted with the {saved.get('estimator')} estimator; run classify.py --calibrate)"
-    note = "" if saved.get("mc_samples") == mc_samples else f", fitted at K={saved.get('mc_samples')}"
+    same = saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == (max_draws or 4 * mc_samples)
+    note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
     return temperature, f"T = {temperature:.4g} from {path}{note}"
 
 
@@ -304,14 +316,14 @@ class DiffusionClassifier:
         text, a text stopping once its margin exceeds z standard errors; batch_size:
         sequences (window x draw) per forward pass; estimator: "time" or "count" (score_draws).
         Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an unknown estimator."""
-        max_draws = max_draws or 4 * mc_samples
-        if mc_samples < 1 or batch_size < 1 or not temperature > 0 or max_draws % mc_samples or not z > 0:
+        if mc_samples < 1 or batch_size < 1 or not temperature > 0 or (max_draws or mc_samples) % mc_samples or not z > 0:
             raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
                              f"multiple of mc_samples, z {z} and temperature {temperature} > 0")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
         self.models, self.classes, self.class_labels = models, list(classes), class_labels
-        self.mc_samples, self.seed, self.batch_size, self.max_draws, self.z = mc_samples, seed, batch_size, max_draws, z
+        self.mc_samples, self.seed, self.batch_size, self.z = mc_samples, seed, batch_size, z
+        self.max_draws = max_draws  # None: 4 x mc_samples, resolved when scoring (mc_samples may be changed later)
         self.estimator, self.temperature = estimator, temperature
         self.temperature_source = f"T = {temperature:.4g} (given)"  # from_checkpoints: where T was read
         self.device = next(models[0].parameters()).device
@@ -330,7 +342,7 @@ class DiffusionClassifier:
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        temperature, source = read_temperature(paths, estimator, mc_samples)
+        temperature, source = read_temperature(paths, estimator, mc_samples, max_draws)
         clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z)
         clf.temperature_source = source
         return clf
@@ -343,8 +355,12 @@ class DiffusionClassifier:
     def draws(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
         after a text's last draw (score_sequential; fixed K when max_draws = mc_samples)."""
-        return score_sequential(self.models, token_lists, self.mc_samples, self.max_draws, self.z, self.seed,
+        return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
                                 self.batch_size, self.device, self.class_labels, self.estimator, progress)
+
+    def most_draws(self) -> int:
+        """The most draws a text can get: max_draws, or 4 x mc_samples when it is None."""
+        return self.max_draws or 4 * self.mc_samples
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
         """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
@@ -405,22 +421,23 @@ def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
 def main(argv=None):
     try:
         run(argv)
-    except (CheckpointError, data.DataError) as e:
+    except (CheckpointError, data.DataError, ScoringError) as e:
         fail(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def add_scoring_args(p: argparse.ArgumentParser) -> None:
-    """The flags classify.py and eval.py share: which texts to score, and how the NELBO is estimated."""
+def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int) -> None:
+    """The flags classify.py and eval.py share: which texts to score, and how the NELBO is estimated
+    (mc_samples: the default of --mc-samples)."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
     p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
     p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=2,
-                   help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
+    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples,
+                   help=f"K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py); default {mc_samples}")
     p.add_argument("--estimator", choices=ESTIMATORS, default="time",
                    help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
@@ -450,7 +467,7 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
     record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
               "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": clf.estimator,
-              "mc_samples": clf.mc_samples, "max_draws": clf.max_draws, "before": before, "after": after}
+              "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
     for p in paths:
         atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(record, indent=1) + "\n"))
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
@@ -464,7 +481,7 @@ def run(argv=None):
     p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
     p.add_argument("--ckpt", action="append", default=[],
                    help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
-    add_scoring_args(p)
+    add_scoring_args(p, mc_samples=2)
     p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
                    "standard errors of 0 gets more rounds of K draws, up to this many (default 4 K; K = fixed K)")
     p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
@@ -484,9 +501,7 @@ def run(argv=None):
     try:
         clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
                                                    args.max_draws, args.z, args.precision)
-    except ValueError as e:  # a precision this device cannot run (CheckpointError and DataError are ValueErrors too)
-        if isinstance(e, (CheckpointError, data.DataError)):
-            raise
+    except PrecisionError as e:
         p.error(f"argument --precision: {e}")
     if args.calibrate:
         calibrate(args, clf, paths, rank)
@@ -516,7 +531,7 @@ def run(argv=None):
     pred = post.argmax(1)
 
     summary = {"n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
-               "max_draws": clf.max_draws, "z": args.z, "mean_draws": float(n_draws.mean()),
+               "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
                "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
                "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
@@ -537,8 +552,8 @@ def run(argv=None):
         summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
                                                 for m in range(len(names))} for c in np.unique(labels)}
         low, high = summary["accuracy_ci95"]
-        draws_note = f"K={args.mc_samples}" if clf.max_draws == args.mc_samples else \
-            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.max_draws}, z={args.z:g})"
+        draws_note = f"K={args.mc_samples}" if clf.most_draws() == args.mc_samples else \
+            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.most_draws()}, z={args.z:g})"
         print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {len(texts)} texts ({source}), {draws_note} ({args.estimator}), "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")

@@ -62,6 +62,8 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
     cfg = DiTConfig(**fields)
     if cfg.hidden_dim % cfg.n_heads or cfg.hidden_dim // cfg.n_heads % 2:
         raise CheckpointError(f"{path}: hidden_dim {cfg.hidden_dim} should split into n_heads {cfg.n_heads} heads of even size (rotary)")
+    if cfg.adaptive_head and not 4 * cfg.adaptive_head < cfg.vocab_size - 1:
+        raise CheckpointError(f"{path}: field 'adaptive_head' {cfg.adaptive_head}: 4 x it must be below the {cfg.vocab_size - 1} real tokens")
     if not 0 <= cfg.dropout < 1:
         raise CheckpointError(f"{path}: field 'dropout' should be in [0, 1), got {cfg.dropout}")
     return cfg, raw

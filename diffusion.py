@@ -172,7 +172,7 @@ def _weighted_nll(model, x0, masked, row_weight, sigma_in, attention_mask, class
     log_p = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels, targets=x0[masked])  # [N]
     # back onto the [B, L] grid and summed per row: deterministic on every device (index_add_ uses atomics on CUDA)
     nll = torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
-    return (nll * row_weight[:, None]).sum(1)
+    return torch.where(masked, nll * row_weight[:, None], 0.0).sum(1)  # a row with nothing masked: 0, whatever its weight
 
 
 # ---- reverse process (§4 / App. A) ----

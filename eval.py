@@ -29,7 +29,7 @@ import torch
 import data
 from classify import add_scoring_args, labeled_texts, read_input, score_texts
 from convert_hf import CheckpointError, load_hf, read_config
-from model import set_runtime
+from model import PrecisionError, set_runtime
 
 
 def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
@@ -67,7 +67,7 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
-    add_scoring_args(p)
+    add_scoring_args(p, mc_samples=4)
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
     if args.input and (args.limit or args.data or args.test_data):
@@ -76,7 +76,7 @@ def main(argv=None):
         run(args)
     except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    except ValueError as e:  # model.set_runtime: a precision this device cannot run
+    except PrecisionError as e:
         p.error(f"argument --precision: {e}")
 
 

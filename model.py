@@ -114,29 +114,35 @@ def modulate(x, shift, scale):
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class PrecisionError(ValueError):
+    """A precision this device cannot run (set_runtime)."""
+
+
 def set_runtime(model: "DiT", precision: str = "auto", inference: bool = False) -> "DiT":
     """Choose how `model` runs on the device its weights are on; returns it.
 
-    precision: "auto" (bf16 on CUDA, as the reference trains; fp32 on CPU), "fp32", "bf16" or
-    "fp16": the autocast dtype of the blocks and the output layer (LayerNorm and rotary stay fp32).
+    precision: "auto" (bf16 on a CUDA GPU that has it, as the reference trains; else fp32), "fp32",
+    "bf16" or "fp16": the autocast dtype of the blocks and the output layer (LayerNorm, rotary and
+    an adaptive head stay fp32).
     On CUDA with bf16/fp16 and flash-attn installed, attention takes flash-attn's variable-length
-    kernel; otherwise PyTorch SDPA. inference=True also casts the nn.Linear weights to that dtype
-    once, not in every forward (the embedding, LayerNorm and rotary stay float32). Raises ValueError for
-    an unknown precision, and for bf16 on a GPU without bf16 support (e.g. V100, T4), naming fp16
-    and fp32 instead.
+    kernel; otherwise PyTorch SDPA. inference=True also casts the blocks' nn.Linear weights to that
+    dtype once, not in every forward (one way: the model then stays at that precision). Raises
+    PrecisionError for an unknown precision, and for an explicit bf16 on a GPU without bf16
+    support (e.g. V100, T4), naming fp16 and fp32 instead.
     """
     cuda = next(model.parameters()).is_cuda
     if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected auto, {', '.join(PRECISIONS)}")
+        raise PrecisionError(f"precision {precision!r}: expected auto, {', '.join(PRECISIONS)}")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"this GPU ({torch.cuda.get_device_name()}) has no bf16; pass --precision fp16 (inference) or fp32")
+        raise PrecisionError(f"this GPU ({torch.cuda.get_device_name()}) has no bf16; pass --precision fp16 (inference) or fp32")
     model.precision = precision
     model.varlen_kernel = flash_attn_varlen_qkvpacked_func if cuda and precision != "fp32" else None
     if inference and precision != "fp32":  # what autocast would cast in every forward: the matmul weights
+        adaptive = set(model.output_layer.adaptive.modules()) if model.config.adaptive_head else set()
         for m in model.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in adaptive:
                 m.to(PRECISIONS[precision])
     return model
 
@@ -246,7 +252,8 @@ class FinalLayer(nn.Module):
         h = self.features(x, c)
         if not hasattr(self, "adaptive"):
             return self.linear(h)
-        log_p = self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float())[:, self.token_rank]  # rank order -> id order
+        with torch.autocast(h.device.type, enabled=False):  # fp32: its clusters' log-softmaxes are combined in place
+            log_p = self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float())[:, self.token_rank]  # rank order -> id order
         log_p = torch.cat([log_p, log_p.new_full((len(log_p), 1), -1e6)], -1)  # diffusion.NEG_INFINITY
         return log_p.view(*h.shape[:-1], self.vocab_size)
 
@@ -255,7 +262,8 @@ class FinalLayer(nn.Module):
         targets long [N] real token ids -> float32 [N] (nats, <= 0)."""
         h = self.features(x, c)
         if hasattr(self, "adaptive"):
-            return self.adaptive(h.float(), self.token_rank[targets]).output
+            with torch.autocast(h.device.type, enabled=False):
+                return self.adaptive(h.float(), self.token_rank[targets]).output
         # the real tokens' columns only: softmax over them is SUBS's log-softmax with the mask's logit at -inf
         logits = F.linear(h, self.linear.weight[:-1], self.linear.bias[:-1]).float()
         return -F.cross_entropy(logits, targets, reduction="none")
@@ -316,6 +324,8 @@ class DiT(nn.Module):
         """
         if attention_mask is not None:
             assert attention_mask.dtype == torch.bool, f"attention_mask must be bool (True at real tokens), got {attention_mask.dtype}"
+        if targets is not None and output_mask is None:
+            raise ValueError("targets need output_mask: the positions they are the clean tokens of")
         packing = unpad(attention_mask, *input_ids.shape, input_ids.device) if self.varlen_kernel is not None else None
         x = self.vocab_embed(input_ids)
         c = self.sigma_map(sigma)
@@ -334,8 +344,11 @@ class DiT(nn.Module):
             if output_mask is None:
                 logits = self.output_layer(x, c[:, None])
             else:
-                c = c[:, None].expand(-1, x.shape[1], -1)
-                if targets is not None:
-                    return self.output_layer.target_log_prob(x[output_mask], c[output_mask], targets)
-                logits = self.output_layer(x[output_mask], c[output_mask])
+                x, c = x[output_mask], c[:, None].expand(-1, x.shape[1], -1)[output_mask]
+                if targets is None:
+                    logits = self.output_layer(x, c)
+                elif len(targets) != len(x):
+                    raise ValueError(f"targets: {len(targets)} tokens for {len(x)} selected positions")
+                else:
+                    return self.output_layer.target_log_prob(x, c, targets)
         return logits.float()

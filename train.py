@@ -63,7 +63,7 @@ import data
 import diffusion
 from classify import fail, init_distributed, score_texts
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
-from model import DiT, PRESETS, set_runtime
+from model import DiT, PRESETS, PrecisionError, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
 STATE = "train_state.safetensors"
@@ -71,7 +71,9 @@ STATE = "train_state.safetensors"
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
               "text_field", "label_field", "label_dropout", "unlabeled")
-ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": None, "precision": "auto"}  # what a train state written before these flags ran with
+# what a train state written before these flags ran with (None: not known, not compared). adaptive_head
+# and precision are stored resolved (the head built, the autocast dtype used), not as given.
+ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "precision": None}  # what a train state written before these flags ran with
 
 
 def parse_args(argv=None):
@@ -108,8 +110,8 @@ def parse_args(argv=None):
     for flag in ("preset", "adaptive_head"):
         if getattr(args, flag) is not None and args.init != "scratch":
             p.error(f"--{flag.replace('_', '-')} applies to --init scratch only (a loaded checkpoint brings its own config)")
-    if args.adaptive_head is not None and args.adaptive_head < 0:
-        p.error(f"argument --adaptive-head: must be >= 0, got {args.adaptive_head}")
+    if args.adaptive_head is not None and not 0 <= 4 * args.adaptive_head < 50257:
+        p.error(f"argument --adaptive-head: must be 0 (full head) or 1..12564 (4 S below the 50,257 tokens), got {args.adaptive_head}")
     if args.warmup_steps < 0:
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
@@ -135,7 +137,7 @@ def class_index(name: str, classes: list[str]) -> int | None:
 def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
     """Each token id's rank by its count in `tokens` (0 = the most frequent; ties by id): long
     [n_tokens], a permutation of 0..n_tokens-1. The adaptive head puts low ranks in its head cluster."""
-    counts = np.bincount(np.concatenate([np.asarray(ids) for ids in tokens]), minlength=n_tokens)[:n_tokens]
+    counts = np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in tokens]), minlength=n_tokens)[:n_tokens]
     order = np.argsort(-counts, kind="stable")
     rank = np.empty(n_tokens, dtype=np.int64)
     rank[order] = np.arange(n_tokens)
@@ -232,7 +234,9 @@ def resume(args, model, ema, opt) -> int:
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable train state ({type(e).__name__}: {e})") from None
     saved = {**ADDED_LATER, **saved}
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY if saved.get(k) != getattr(args, k)]
+    unknown = [k for k, v in ADDED_LATER.items() if v is None and saved.get(k) is None]  # an old state did not say
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
+               if k not in unknown and saved.get(k) != getattr(args, k)]
     if changed:
         raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed) + "; these flags must not change")
     try:
@@ -305,8 +309,10 @@ def train(args, stop: list):
     model = init_model(args, n_classes, tokens).to(device).train()
     try:
         set_runtime(model, args.precision)
-    except ValueError as e:  # bf16 on a GPU without it
+    except PrecisionError as e:  # bf16 on a GPU without it
         fail(f"error: --precision {args.precision}: {e}")
+    # recorded (and compared on --resume) as built and run, not as given: a preset's head, auto's dtype
+    args.adaptive_head, args.precision = model.config.adaptive_head, model.precision
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length
@@ -410,7 +416,8 @@ def train(args, stop: list):
         if world > 1:
             dist.all_reduce(agreed)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        loss_sum, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()  # the step's one host sync
+        # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
+        loss_sum, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
                  f"stopped before the update, {intact()}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import diffusion
 import model as dit
-from model import DiT, DiTConfig, set_runtime, unpad
+from model import DiT, DiTConfig, PrecisionError, set_runtime, unpad
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -116,6 +116,33 @@ def test_bf16_autocast_on_cpu_matches_fp32(batch):
     torch.testing.assert_close(diffusion.nelbo(cast, x, t, masked, attention_mask), n32, rtol=3e-3, atol=0)
 
 
+@torch.no_grad()
+def test_adaptive_head_under_bf16_stays_float32(batch):
+    """The adaptive head runs in fp32 under autocast (its clusters' log-softmaxes are combined in one
+    fp32 buffer) and keeps fp32 weights when the model is cast for inference."""
+    x, attention_mask, t, masked = batch
+    cfg = DiTConfig(**{**CFG.__dict__, "adaptive_head": 4})
+    models = []
+    for runtime in ({}, {"precision": "bf16"}, "cast"):
+        torch.manual_seed(0)
+        m = DiT(cfg)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        if runtime == "cast":
+            set_runtime(m, "bf16", inference=True)
+            assert m.output_layer.adaptive.head.weight.dtype == torch.float32 and m.blocks[0].attn_out.weight.dtype == torch.bfloat16
+        else:
+            for k, v in runtime.items():
+                setattr(m, k, v)
+        models.append(m)
+    n32 = diffusion.nelbo(models[0], x, t, masked, attention_mask)
+    for m in models[1:]:
+        torch.testing.assert_close(diffusion.nelbo(m, x, t, masked, attention_mask), n32, rtol=3e-3, atol=0)
+        log_p = m(x, torch.zeros(3), attention_mask)[attention_mask][:, :-1].double().exp().sum(-1)
+        torch.testing.assert_close(log_p, torch.ones_like(log_p), atol=1e-5, rtol=0)
+
+
 def test_one_bf16_training_step_on_cpu_matches_fp32(batch):
     """The loss and every parameter's gradient of a bf16 training step agree with fp32's."""
     x, attention_mask, t, masked = batch
@@ -141,7 +168,9 @@ def test_runtime_choice():
     gpu = types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(is_cuda=True)]))
     with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=False), \
             mock.patch.object(torch.cuda, "get_device_name", return_value="Tesla V100"):
-        for precision in ("auto", "bf16"):
-            with pytest.raises(ValueError, match="Tesla V100.*has no bf16; pass --precision fp16.*or fp32"):
-                set_runtime(gpu, precision)
+        with pytest.raises(PrecisionError, match="Tesla V100.*has no bf16; pass --precision fp16.*or fp32"):
+            set_runtime(gpu, "bf16")
         assert set_runtime(gpu, "fp16").precision == "fp16"
+        assert set_runtime(gpu, "auto").precision == "fp32"  # auto takes what the GPU can run
+    with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=True):
+        assert set_runtime(gpu, "auto").precision == "bf16"  # as the reference trains

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, make_imdb_tree, run_script, script_env
 from convert_hf import load_hf
 
 TOLERANCE = 1e-6  # max |difference| of any weight, EMA weight or AdamW moment (measured: 0.0, bitwise equal)
@@ -130,3 +130,20 @@ def test_resume_refuses_what_would_not_continue_the_same_run(uninterrupted, tmp_
     result = run_script("train.py", *train_args(tree, full, 8, "--resume", "--batch-size", "4"))
     assert result.returncode == 1 and "was trained with --batch-size 2 (now 4); these flags must not change" in result.stderr
     assert "Traceback" not in result.stderr and state_step(full) == 6
+
+
+def test_a_train_state_from_before_the_adaptive_head_resumes_with_the_full_head(tmp_path):
+    """A train state written before --adaptive-head existed holds a full head: resuming it with the
+    preset's (now adaptive) head is refused with the flag named; --adaptive-head 0 resumes it."""
+    tree = make_imdb_tree(tmp_path / "imdb")
+    out = tmp_path / "old"
+    assert run_script("train.py", *train_args(tree, out, 2, "--adaptive-head", "0")).returncode == 0
+    state = out / "train_state.safetensors"
+    with safe_open(state, "pt") as f:  # rewrite its metadata as an older version wrote it
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old_args = {k: v for k, v in json.loads(meta["train_args"]).items() if k not in ("adaptive_head", "precision")}
+    save_file(tensors, state, {**meta, "train_args": json.dumps(old_args)})
+    result = run_script("train.py", *train_args(tree, out, 3, "--resume"))
+    assert result.returncode == 1 and "--adaptive-head 0 (now 4096)" in result.stderr, result.stderr
+    result = run_script("train.py", *train_args(tree, out, 3, "--resume", "--adaptive-head", "0"))
+    assert result.returncode == 0, result.stderr

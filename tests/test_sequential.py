@@ -36,10 +36,15 @@ def test_clear_texts_stop_early_and_close_ones_get_every_draw(models):
     base, low = models
     # classes 0 and 1 are the same model: on HIGH texts the best two tie on every draw (no evidence
     # either way), on LOW texts class 2 wins by many nats
-    draws = score_sequential([base, base, low], HIGH + LOW, k=4, max_draws=16, z=2.0, seed=0, batch_size=64, device="cpu")
-    assert n_draws(draws).tolist() == [16] * len(HIGH) + [4] * len(LOW)
-    rounds = draws[:len(HIGH), 0].reshape(len(HIGH), 4, 4)
+    texts = LOW + HIGH  # the texts that go on are not the first: their rows in later rounds are not their indices
+    draws = score_sequential([base, base, low], texts, k=4, max_draws=16, z=2.0, seed=0, batch_size=64, device="cpu")
+    assert n_draws(draws).tolist() == [4] * len(LOW) + [16] * len(HIGH)
+    rounds = draws[len(LOW):, 0].reshape(len(HIGH), 4, 4)
     assert all(len(np.unique(r.round(6), axis=0)) == 4 for r in rounds)  # each round has draws of its own
+    for j, i in enumerate(range(len(LOW), len(texts))):  # round r of text i: its own draws of stream r, wherever it sits
+        for r in (1, 3):
+            alone = score_draws([base], [texts[i]], 4, 0, 64, "cpu", index=[i], stream=r)[0, 0]
+            np.testing.assert_allclose(rounds[j, r], alone, rtol=1e-6)
 
 
 def test_a_stopped_text_has_the_draws_and_decision_of_fixed_k(models):
