@@ -363,7 +363,7 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
                              "peak MiB": f"{r['peak MiB']:.0f}", "GFLOP/s": f"{flops / 1e9:.1f}", "MFU": mfu(flops, peak),
                              "vs naive": f"{r['reviews/s'] / naive[k]['reviews/s']:.2f}x",
                              "vs today": f"{r['reviews/s'] / naive[(k, 'today')]['reviews/s']:.2f}x" if (k, "today") in naive else "-",
-                             "max |dNELBO| vs naive": f"{np.abs(r['nelbo'][:n_naive] - naive[k]['nelbo']).max():.1e}" if same_model else "-"})
+                             "max abs dNELBO vs naive": f"{np.abs(r['nelbo'][:n_naive] - naive[k]['nelbo']).max():.1e}" if same_model else "-"})
     report(f"classification: class pair on {source} (mean {lengths.mean():.0f} / median {np.median(lengths):.0f} / "
            f"p90 {np.percentile(lengths, 90):.0f} tokens), {args.batch_size} sequences per forward; "
            f"naive path on the first {n_naive}", rows)
