@@ -147,3 +147,17 @@ def test_a_train_state_from_before_the_adaptive_head_resumes_with_the_full_head(
     assert result.returncode == 1 and "--adaptive-head 0 (now 4096)" in result.stderr, result.stderr
     result = run_script("train.py", *train_args(tree, out, 3, "--resume", "--adaptive-head", "0"))
     assert result.returncode == 0, result.stderr
+
+
+def test_ema_moves_a_fraction_one_minus_d_towards_the_weights():
+    """ema <- d ema + (1 - d) w with d = min(decay, (1 + step) / (10 + step)): early steps follow the
+    weights (d = 0.1 at step 0), late ones average them (d = decay)."""
+    from train import ema_update
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for step, decay, expected in [(0, 0.9999, 0.9), (10_000, 0.9, 0.1)]:
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.zero_()
+                p.fill_(1.0)
+        ema_update(ema, model, step, decay)
+        assert all(torch.allclose(e, torch.full_like(e, expected)) for e in ema.parameters()), (step, decay)
