@@ -161,8 +161,6 @@ def test_eval_cli_confusion_of_likelihoods(workdir):
         assert r["n_texts"] == 3 and r["n_tokens"] == len(ids)
         expected = (1 - diffusion.EPS) * float(-log_p[name][ids].mean())
         assert abs(r["nats_per_token"] - expected) < 1.5, (label, name, r["nats_per_token"], expected)
-        assert r["bits_per_token"] == pytest.approx(r["nats_per_token"] / math.log(2))
-        assert r["ppl_bound"] == pytest.approx(math.exp(r["nats_per_token"]))
     # the positive-review model explains positive reviews far better than negative ones
     assert table[("pos", "pos")]["nats_per_token"] < table[("neg", "pos")]["nats_per_token"] - 2
     assert "uniform" in res.stdout and "neg" in res.stdout
