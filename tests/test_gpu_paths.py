@@ -14,8 +14,9 @@ from model import DiT, DiTConfig, PrecisionError, set_runtime, unpad
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
+from test_model import LENGTHS, batch as padded_batch  # noqa: F401 (a fixture)
+
 CFG = DiTConfig(vocab_size=64, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0)
-LENGTHS = [32, 20, 7]
 
 
 def varlen_standin(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False):
@@ -47,13 +48,11 @@ def random_model(seed=0, scale=0.1, **runtime):
 
 
 @pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 63, (len(LENGTHS), max(LENGTHS)), generator=g)
-    attention_mask = torch.arange(max(LENGTHS))[None] < torch.tensor(LENGTHS)[:, None]
-    x[~attention_mask] = 5
+def batch(padded_batch):
+    """test_model's padded batch, with times and masked positions."""
+    x, attention_mask = padded_batch
     t = torch.tensor([0.3, 0.6, 0.9])
-    masked = diffusion.mask_positions(t, attention_mask, g)
+    masked = diffusion.mask_positions(t, attention_mask, torch.Generator().manual_seed(2))
     return x, attention_mask, t, masked
 
 
