@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -119,6 +120,9 @@ def parse_args(argv=None):
     if not 0 <= args.label_dropout < 1:
         p.error(f"argument --label-dropout: must be in [0, 1), got {args.label_dropout}")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
+    if args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
+              f"{args.max_steps}/{args.warmup_steps} of --lr {args.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
     return args
 
 
