@@ -19,7 +19,7 @@ def torchrun(script, *args):
 
 
 def train_args(tree, out, *extra):
-    return ["--class", "1", "--data", tree, "--init", "scratch", "--preset", "tiny", "--lr", "1e-3", "--max-steps", 4,
+    return ["--class", "1", "--data", tree, "--init", "scratch", "--preset", "tiny", "--lr", "1e-3", "--max-steps", 4, "--warmup-steps", 2,
             "--batch-size", 2, "--eval-every", 2, "--val-reviews", 2, "--out", out, *extra]
 
 
