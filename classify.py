@@ -120,6 +120,16 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     return out
 
 
+def most_draws(mc_samples: int, max_draws: int | None) -> int:
+    """The most draws sequential scoring gives a text: max_draws, or 4 rounds of mc_samples when it is None."""
+    return max_draws or 4 * mc_samples
+
+
+def draws_taken(draws: np.ndarray) -> np.ndarray:
+    """How many draws each text got: per-draw NELBOs [N, C, K] (NaN = not taken) -> int [N]."""
+    return (~np.isnan(draws[:, 0])).sum(-1)
+
+
 class ScoringError(ValueError):
     """A NELBO that is not a finite number."""
 
@@ -279,7 +289,7 @@ def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draw
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
     if saved.get("estimator") != estimator:
         return 1.0, f"uncalibrated ({path} was fitted with the {saved.get('estimator')} estimator; run classify.py --calibrate)"
-    same = saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == (max_draws or 4 * mc_samples)
+    same = saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
     note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
     return temperature, f"T = {temperature:.4g} from {path}{note}"
 
@@ -359,8 +369,8 @@ class DiffusionClassifier:
                                 self.batch_size, self.device, self.class_labels, self.estimator, progress)
 
     def most_draws(self) -> int:
-        """The most draws a text can get: max_draws, or 4 x mc_samples when it is None."""
-        return self.max_draws or 4 * self.mc_samples
+        """The most draws a text can get (module function most_draws)."""
+        return most_draws(self.mc_samples, self.max_draws)
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
         """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
@@ -525,7 +535,7 @@ def run(argv=None):
     if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
     nelbo = np.nanmean(draws, -1)
-    n_draws = (~np.isnan(draws[:, 0])).sum(-1)
+    n_draws = draws_taken(draws)
     margin, margin_se = paired_margin(draws)
     post = posteriors(nelbo, temperature)
     pred = post.argmax(1)

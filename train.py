@@ -64,7 +64,7 @@ import data
 import diffusion
 from classify import fail, init_distributed, score_texts
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
-from model import DiT, PRESETS, PrecisionError, set_runtime
+from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
 STATE = "train_state.safetensors"
@@ -111,8 +111,10 @@ def parse_args(argv=None):
     for flag in ("preset", "adaptive_head"):
         if getattr(args, flag) is not None and args.init != "scratch":
             p.error(f"--{flag.replace('_', '-')} applies to --init scratch only (a loaded checkpoint brings its own config)")
-    if args.adaptive_head is not None and not 0 <= 4 * args.adaptive_head < 50257:
-        p.error(f"argument --adaptive-head: must be 0 (full head) or 1..12564 (4 S below the 50,257 tokens), got {args.adaptive_head}")
+    real = DiTConfig().vocab_size - 1  # GPT-2's tokens (data.check_vocab): the adaptive head's 4 S must stay below them
+    if args.adaptive_head is not None and not 0 <= 4 * args.adaptive_head < real:
+        p.error(f"argument --adaptive-head: must be 0 (full head) or 1..{(real - 1) // 4} (4 S below the {real:,} tokens), "
+                f"got {args.adaptive_head}")
     if args.warmup_steps < 0:
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:

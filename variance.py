@@ -105,7 +105,7 @@ def curve(args, clf, tokens, labels, ks, sequential) -> None:
         pred = np.nanmean(draws, -1).argmin(1)
         rep = classify.report(labels, pred, clf.classes)
         name = f"fixed K={k}" if k == max_draws else f"sequential K={k}..{max_draws} z={args.z:g}"
-        rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float((~np.isnan(draws[:, 0])).sum(-1).mean()),
+        rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float(classify.draws_taken(draws).mean()),
                      "accuracy": rep["accuracy"], "accuracy_ci95": rep["accuracy_ci95"],
                      "confusion_matrix": rep["confusion_matrix"], "texts_per_s": len(tokens) / seconds})
         low, high = rep["accuracy_ci95"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from classify import DiffusionClassifier, paired_margin, score_draws, score_sequential
+from classify import DiffusionClassifier, draws_taken as n_draws, paired_margin, score_draws, score_sequential
 from conftest import FIXTURE
 from convert_hf import load_hf
 
@@ -26,10 +26,6 @@ def models():
     with torch.no_grad():
         low.output_layer.linear.bias[:20] += 6.0
     return base, low
-
-
-def n_draws(draws: np.ndarray) -> np.ndarray:
-    return (~np.isnan(draws[:, 0])).sum(-1)
 
 
 def test_clear_texts_stop_early_and_close_ones_get_every_draw(models):
