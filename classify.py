@@ -205,7 +205,11 @@ def init_distributed() -> tuple[int, int, str]:
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL would fail later with a traceback from every process
+            fail(f"error: torchrun started process {local_rank} on a machine with {gpus} GPU(s): pass "
+                 f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on the CPU")
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=torch.device(device))  # binds the communicator to this GPU now
     else:
