@@ -94,18 +94,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
-class LayerNorm(nn.Module):
-    """Weight-only LayerNorm (no bias), computed in float32 even under autocast, eps 1e-5."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), [x.shape[-1]]) * self.weight
-
-
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift."""
     return x * (1 + scale) + shift
@@ -188,10 +176,11 @@ class DiTBlock(nn.Module):
         dim = cfg.hidden_dim
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.norm1 = LayerNorm(dim)
+        # the reference's weight-only LayerNorm, eps 1e-5; in fp32 under autocast: its input, the residual stream, is fp32
+        self.norm1 = nn.LayerNorm(dim, bias=False)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(approximate="tanh"), nn.Linear(MLP_RATIO * dim, dim))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * dim)
 
@@ -230,7 +219,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.norm_final = LayerNorm(cfg.hidden_dim)
+        self.norm_final = nn.LayerNorm(cfg.hidden_dim, bias=False)  # as DiTBlock.norm1
         self.vocab_size = cfg.vocab_size
         if cfg.adaptive_head:
             real = cfg.vocab_size - 1

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import diffusion
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, set_runtime
 
 CFG = DiTConfig(vocab_size=64, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4, time_conditioning=True)
 LENGTHS = [32, 20, 7]
@@ -47,6 +47,21 @@ def test_output_mask_selects_the_same_logits(batch):
     sigma = torch.zeros(3)
     select = attention_mask & (torch.rand(attention_mask.shape, generator=torch.Generator().manual_seed(2)) < 0.5)
     torch.testing.assert_close(model(x, sigma, attention_mask, output_mask=select), model(x, sigma, attention_mask)[select])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inference", [False, True])
+def test_layer_norms_run_in_fp32_under_bf16_autocast(batch, inference):
+    """The reference computes LayerNorm in fp32. nn.LayerNorm does so under CUDA autocast, but under CPU
+    autocast it keeps its input's dtype: the model must feed it the fp32 residual stream."""
+    model = set_runtime(random_model(), "bf16", inference)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    x, attention_mask = batch
+    model(x, torch.zeros(3), attention_mask)
+    assert len(seen) == 2 * CFG.n_blocks + 1 and set(seen) == {(torch.float32, torch.float32)}
 
 
 @torch.no_grad()

@@ -1,16 +1,16 @@
-"""Ancestral sampling (diffusion.ddpm / ddpm_cache) and the sample.py CLI, on the tiny fixture model."""
+"""Ancestral sampling (sample.ddpm / ddpm_cache) and the sample.py CLI, on the tiny fixture model."""
 import json
 
 import pytest
 import torch
 
-import diffusion
 from conftest import FIXTURE, run_script
 from convert_hf import load_hf, save_checkpoint
 from model import DiT, DiTConfig
+from sample import ddpm, ddpm_cache
 
 MASK = 63  # fixture: vocab_size 64, model_length 32
-SAMPLERS = [diffusion.ddpm, diffusion.ddpm_cache]
+SAMPLERS = [ddpm, ddpm_cache]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
@@ -78,8 +78,8 @@ def test_cached_sampler_is_an_exact_shortcut(model, steps, top_p, prompt):
         xt = all_masked(2, 8)
         xt[:, :prompt] = torch.arange(prompt)
         g_plain, g_cache = gen(seed), gen(seed)
-        x_plain, calls_plain = diffusion.ddpm(model, xt, steps, g_plain, top_p)
-        x_cache, calls_cache = diffusion.ddpm_cache(model, xt, steps, g_cache, top_p)
+        x_plain, calls_plain = ddpm(model, xt, steps, g_plain, top_p)
+        x_cache, calls_cache = ddpm_cache(model, xt, steps, g_cache, top_p)
         assert torch.equal(x_plain, x_cache)
         assert torch.equal(g_plain.get_state(), g_cache.get_state())  # the same random numbers were drawn
         assert calls_plain == steps
@@ -90,7 +90,7 @@ def test_cached_sampler_is_an_exact_shortcut(model, steps, top_p, prompt):
 
 
 def test_cache_saves_calls_with_many_steps(model):
-    x0, calls = diffusion.ddpm_cache(model, all_masked(1, 8), 200, gen(0))
+    x0, calls = ddpm_cache(model, all_masked(1, 8), 200, gen(0))
     assert (x0 != MASK).all()
     assert calls <= 9  # 8 positions: the first call plus one after each step that unmasked something
 
@@ -99,8 +99,8 @@ def test_time_conditioned_model_is_called_every_step():
     torch.manual_seed(0)
     m = DiT(DiTConfig(vocab_size=64, model_length=16, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=2,
                       time_conditioning=True)).eval()
-    x_plain, calls_plain = diffusion.ddpm(m, all_masked(2, 8), 30, gen(0))
-    x_cache, calls_cache = diffusion.ddpm_cache(m, all_masked(2, 8), 30, gen(0))
+    x_plain, calls_plain = ddpm(m, all_masked(2, 8), 30, gen(0))
+    x_cache, calls_cache = ddpm_cache(m, all_masked(2, 8), 30, gen(0))
     assert calls_plain == calls_cache == 30
     assert torch.equal(x_plain, x_cache)
 
@@ -126,7 +126,7 @@ def test_ancestral_chain_has_the_right_law(model):
     p1_given_a = subs_probs(model, torch.stack([b, torch.full((MASK,), MASK)], 1))[:, 1]  # [a, b]
     law0 = (1 / T + (1 - 1 / T) / 2) * p_mm[0] + (1 - 1 / T) / 2 * (p_mm[1][:, None] * p0_given_b).sum(0)
     law1 = (1 / T + (1 - 1 / T) / 2) * p_mm[1] + (1 - 1 / T) / 2 * (p_mm[0][:, None] * p1_given_a).sum(0)
-    x0, _ = diffusion.ddpm_cache(model, all_masked(n, 2), T, gen(0))
+    x0, _ = ddpm_cache(model, all_masked(n, 2), T, gen(0))
     assert_follows(x0[:, 0], law0, "position 0")
     assert_follows(x0[:, 1], law1, "position 1")
 
@@ -138,7 +138,7 @@ def test_top_p_keeps_the_nucleus(model):
     size = int((p[order].cumsum(0) < top_p).sum()) + 1  # smallest top set with mass >= top_p
     nucleus = torch.zeros_like(p)
     nucleus[order[:size]] = p[order[:size]] / p[order[:size]].sum()
-    x0, _ = diffusion.ddpm(model, all_masked(n, 1), 2, gen(0), top_p=top_p)
+    x0, _ = ddpm(model, all_masked(n, 1), 2, gen(0), top_p=top_p)
     assert size > 1 and set(x0[:, 0].tolist()) == set(order[:size].tolist())
     assert_follows(x0[:, 0], nucleus, "nucleus")
 
@@ -147,7 +147,7 @@ def test_tiny_top_p_is_greedy(model):
     """One step from all masks unmasks everything at once; a tiny nucleus holds only the argmax."""
     xt = all_masked(2, 10)
     xt[1, :3] = torch.tensor([4, 5, 6])
-    x0, _ = diffusion.ddpm(model, xt, 1, gen(0), top_p=1e-6)
+    x0, _ = ddpm(model, xt, 1, gen(0), top_p=1e-6)
     greedy = subs_probs(model, xt).argmax(-1)
     assert torch.equal(x0[0], greedy[0])
     assert torch.equal(x0[1, 3:], greedy[1, 3:]) and x0[1, :3].tolist() == [4, 5, 6]
@@ -156,21 +156,21 @@ def test_tiny_top_p_is_greedy(model):
 def test_bad_arguments_raise_clear_errors(model):
     xt = all_masked(1, 8)
     with pytest.raises(ValueError, match="steps"):
-        diffusion.ddpm(model, xt, 0)
+        ddpm(model, xt, 0)
     with pytest.raises(ValueError, match="top_p"):
-        diffusion.ddpm(model, xt, 4, top_p=0.0)
+        ddpm(model, xt, 4, top_p=0.0)
     with pytest.raises(ValueError, match="top_p"):
-        diffusion.ddpm_cache(model, xt, 4, top_p=1.5)
+        ddpm_cache(model, xt, 4, top_p=1.5)
     with pytest.raises(ValueError, match="model_length"):
-        diffusion.ddpm(model, all_masked(1, 33), 4)
+        ddpm(model, all_masked(1, 33), 4)
     with pytest.raises(ValueError, match="fixed positions"):
-        diffusion.ddpm(model, xt, 4, fixed=torch.ones(1, 8, dtype=torch.bool))
+        ddpm(model, xt, 4, fixed=torch.ones(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask token"):
-        diffusion.ddpm(model, torch.zeros(1, 8, dtype=torch.long), 4, fixed=torch.zeros(1, 8, dtype=torch.bool))
+        ddpm(model, torch.zeros(1, 8, dtype=torch.long), 4, fixed=torch.zeros(1, 8, dtype=torch.bool))
     model.train()
     try:
         with pytest.raises(ValueError, match="eval"):
-            diffusion.ddpm(model, xt, 4)
+            ddpm(model, xt, 4)
     finally:
         model.eval()
 
