@@ -113,7 +113,7 @@ def score_naive(models: list, token_lists: list[list[int]], k: int, seed: int, d
     mask_index = models[0].config.vocab_size - 1
     out = np.zeros((len(token_lists), len(models)))
     for i, ids in enumerate(token_lists):
-        t, masked = diffusion.per_text_draws([len(ids)], k, [classify.draw_seed(seed, i, 0, 0)])  # classify's draws
+        t, masked = diffusion.per_text_draws([len(ids)], k, [diffusion.draw_seed(seed, i, 0, 0)])  # classify's draws
         x0, attention_mask = data.collate([ids])
         pad = max(pad_to, len(ids)) - len(ids)
         x0, attention_mask, masked = (torch.cat([a, a.new_zeros(len(a), pad)], 1).to(device) for a in (x0, attention_mask, masked))

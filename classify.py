@@ -27,8 +27,11 @@ From the shell:
     python classify.py --ckpt ckpt/a --ckpt ckpt/b --ckpt ckpt/c --data my.jsonl     # its held-out test split
     echo "What a wonderful film" | python classify.py --ckpt ckpt/all --input -
 
-The JSON has, per text, the NELBO under every class, the posterior, and the margin (NELBO of the
-second-best class minus the best's, nats) with its paired standard error over the K draws.
+The JSON has one row per text: its id (IMDB: the file in aclImdb; other data: its position; --input:
+its line number or file name), the text, the true and predicted class names, the posterior, the
+NELBO under every class, and the margin (NELBO of the second-best class minus the best's, nats)
+with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
+"partial": true, and exits with status 130.
 """
 import argparse
 import json
@@ -40,24 +43,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import calibration
+from cli import HelpFormatter, add_scoring_args, fail, init_distributed, run_cli
+from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PRECISIONS, PrecisionError, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
+SLICE = 256  # texts scored between two chances for Ctrl-C to keep the results so far
 
 
 ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
-
-
-def draw_seed(seed: int, text: int, window: int, stream: int) -> int:
-    """The 32-bit seed of one (text, window, stream)'s draws, mixed by numpy's SeedSequence: torch's
-    CPU generator keeps only the low 32 bits of a seed, so offsets such as window * 2**40 would vanish."""
-    return int(np.random.SeedSequence([seed % 2**32, text, window, stream]).generate_state(1)[0])
 
 
 @torch.inference_mode()
@@ -72,10 +71,10 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     "count" (diffusion.nelbo_count with per_text_count_draws). The mean over the last axis is the K-draw
     NELBO estimate. token_lists: N non-empty lists of token ids, of any length. A text longer than
     model_length is split into disjoint windows (data.windows); its draw j is the sum of its windows'
-    draws j. Window w of text i uses the draws of draw_seed(seed, index[i], w, stream) for every
+    draws j. Window w of text i uses the draws of diffusion.draw_seed(seed, index[i], w, stream) for every
     scorer (common random numbers), whatever batch it lands in; index (default 0..N-1) names the
-    texts, stream numbers independent sets of K draws (score_sequential's rounds). batch_size counts sequences per
-    forward pass (window x draw), so memory does not grow with k. Under torchrun each rank scores
+    texts, stream numbers independent sets of K draws (score_sequential's rounds). batch_size counts texts
+    (windows) per forward pass, each with its k draws: a forward holds batch_size x k sequences. Under torchrun each rank scores
     every world-th batch and the results are summed across ranks. Raises ValueError for an unknown
     estimator (and, from nelbo_count, for a time-conditioned model).
     """
@@ -88,12 +87,13 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
         for w, piece in enumerate(data.windows(ids, max_len)):
             pieces.append(piece)
             owners.append(i)
-            seeds.append(draw_seed(seed, i if index is None else int(index[i]), w, stream))
+            seeds.append(diffusion.draw_seed(seed, i if index is None else int(index[i]), w, stream))
     lengths = [len(ids) for ids in pieces]
     per_piece = np.zeros((len(pieces), len(models), k))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = data.length_batches(lengths, max(1, batch_size // k))[rank::world]  # under torchrun: every world-th batch
-    for idx in tqdm(batches, desc="scoring", disable=not progress or rank > 0, unit="batch", leave=False):
+    batches = data.length_batches(lengths, batch_size)[rank::world]  # under torchrun: every world-th batch
+    bar = progress_bar(len(batches), "scoring", "batch", disable=not progress or rank > 0, leave=False)
+    for idx in batches:
         n_lengths, n_seeds = [lengths[i] for i in idx], [seeds[i] for i in idx]
         x0, attention_mask = data.collate([pieces[i] for i in idx])
         x0 = x0.repeat_interleave(k, 0).to(device)
@@ -111,6 +111,8 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
             else:
                 out = diffusion.nelbo(model, x0, t, masked, attention_mask, labels)
             per_piece[idx, c] = out.view(len(idx), k).double().cpu().numpy()
+        bar.update(1)
+    bar.close()
     if world > 1:  # every rank filled only its own rows: the sum gathers them all, on every rank
         gathered = torch.from_numpy(per_piece).to(device)
         dist.all_reduce(gathered)
@@ -136,7 +138,7 @@ class ScoringError(ValueError):
 
 def score_sequential(models: list, token_lists: list[list[int]], k: int, max_draws: int, z: float, seed: int,
                      batch_size: int, device, class_labels: list | None = None, estimator: str = "time",
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, first: int = 0) -> np.ndarray:
     """Sequential Monte-Carlo scoring: per-draw NELBOs in nats, float64 [N, C, max_draws], NaN after
     each text's last draw.
 
@@ -149,8 +151,10 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     round without correction, and after a first round of k = 2 draws the standard error has one
     degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
     a stopping threshold whose worth was measured (README "Speed"), not a guaranteed error rate.
-    Raises ValueError unless max_draws is a multiple of k and z > 0, and ScoringError for a NaN or
-    infinite NELBO (e.g. fp16 overflow), which would otherwise read as a draw not taken.
+    first: the index of token_lists[0] among all the texts being scored (texts scored in slices get
+    the draws they would get scored at once). Raises ValueError unless max_draws is a multiple of
+    k and z > 0, and ScoringError for a NaN or infinite NELBO (e.g. fp16 overflow), which would
+    otherwise read as a draw not taken.
     """
     if max_draws % k or not z > 0:
         raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
@@ -158,9 +162,9 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     active = np.arange(len(token_lists))
     for r in range(max_draws // k):
         new = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
-                          class_labels, estimator, progress, index=active, stream=r)
+                          class_labels, estimator, progress, index=first + active, stream=r)
         if not np.isfinite(new).all():
-            bad = int(active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]])
+            bad = first + int(active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]])
             raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite (at --precision fp16 it can overflow; try fp32)")
         draws[active, :, r * k:(r + 1) * k] = new
         if k == 1 and r == 0:
@@ -197,30 +201,6 @@ def paired_margin(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         se = np.sqrt((dev ** 2).sum(-1) / (k - 1) / k)
     return np.nanmean(diff, -1), np.where(k > 1, se, np.nan)
-
-
-def init_distributed() -> tuple[int, int, str]:
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE set) join the process group: NCCL with
-    one GPU per process (LOCAL_RANK), gloo on CPU. A plain `python script.py` is rank 0 of 1."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.cuda.is_available():
-        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-        if local_rank >= gpus:  # NCCL would fail later with a traceback from every process
-            fail(f"error: torchrun started process {local_rank} on a machine with {gpus} GPU(s): pass "
-                 f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on the CPU")
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=torch.device(device))  # binds the communicator to this GPU now
-    else:
-        device = "cpu"
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def fail(message: str):
-    """Exit with a one-line error. Under torchrun every rank meets the same error; rank 0 says it."""
-    raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -321,14 +301,14 @@ class DiffusionClassifier:
     prior; the temperature T comes from the checkpoints' calibration.json (1 without one).
     """
 
-    def __init__(self, models: list, classes: list[str], mc_samples: int = 2, seed: int = 0, batch_size: int = 32,
+    def __init__(self, models: list, classes: list[str], mc_samples: int = 2, seed: int = 0, batch_size: int = 16,
                  class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
                  max_draws: int | None = None, z: float = 2.0):
         """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
         C times with class_labels 0..C-1); classes: their names. Sequential scoring (score_sequential):
         rounds of mc_samples = K draws, up to max_draws (default 4 K; = K for fixed-K scoring) per
-        text, a text stopping once its margin exceeds z standard errors; batch_size:
-        sequences (window x draw) per forward pass; estimator: "time" or "count" (score_draws).
+        text, a text stopping once its margin exceeds z standard errors; batch_size: texts
+        (windows) per forward pass, each with its mc_samples draws; estimator: "time" or "count" (score_draws).
         Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an unknown estimator."""
         if mc_samples < 1 or batch_size < 1 or not temperature > 0 or (max_draws or mc_samples) % mc_samples or not z > 0:
             raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
@@ -344,7 +324,7 @@ class DiffusionClassifier:
 
     @classmethod
     def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 2, seed: int = 0,
-                         batch_size: int = 32, estimator: str = "time", max_draws: int | None = None,
+                         batch_size: int = 16, estimator: str = "time", max_draws: int | None = None,
                          z: float = 2.0, precision: str = "auto") -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
@@ -366,11 +346,12 @@ class DiffusionClassifier:
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
         return self.score(data.encode(check_texts(texts)))
 
-    def draws(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
+    def draws(self, token_lists: list[list[int]], progress: bool = False, first: int = 0) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
-        after a text's last draw (score_sequential; fixed K when max_draws = mc_samples)."""
+        after a text's last draw (score_sequential, whose `first` lets texts be scored in slices;
+        fixed K when max_draws = mc_samples)."""
         return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
-                                self.batch_size, self.device, self.class_labels, self.estimator, progress)
+                                self.batch_size, self.device, self.class_labels, self.estimator, progress, first)
 
     def most_draws(self) -> int:
         """The most draws a text can get (module function most_draws)."""
@@ -403,20 +384,26 @@ def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
             "confusion_matrix": cm.tolist(), "per_class": per_class}
 
 
-def read_input(path: str) -> tuple[list[str], list[int]]:
-    """One text per line from a file or '-' (stdin): (texts, their line numbers, from 1).
-
-    Blank lines are skipped; the line numbers keep results aligned with the file. A line longer
-    than model_length tokens is scored whole, in windows (score_texts). Raises DataError for a
-    missing file, a line that is not UTF-8 (named), or no text at all.
-    """
-    if path != "-" and not Path(path).is_file():
-        raise data.DataError(f"--input {path}: no such file")
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    lines = [(n, text) for n, text in data.utf8_lines(raw, f"--input {path}") if text.strip()]
-    if not lines:
-        raise data.DataError(f"--input {path}: no text (expected one text per line)")
-    return [text for _, text in lines], [n for n, _ in lines]
+def read_input(path: str) -> tuple[list[str], list]:
+    """The user's own texts: (texts, their ids). A file or '-' (stdin): one text per line, blank
+    lines skipped, ids = line numbers (from 1), so results stay aligned with the file. A folder:
+    one text per .txt file, in name order, ids = file names. A text longer than model_length tokens
+    is scored whole, in windows (score_draws). Raises DataError for a missing path, a text that is
+    not UTF-8 (named), or no text at all."""
+    if path != "-" and Path(path).is_dir():
+        files = sorted(Path(path).glob("*.txt"))
+        texts = [data.decode_utf8(f.read_bytes(), f) for f in files]
+        rows = [(f.name, text) for f, text in zip(files, texts) if text.strip()]
+        expected = "expected .txt files, one text each"
+    elif path == "-" or Path(path).is_file():
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        rows = [(n, text) for n, text in data.utf8_lines(raw, f"--input {path}") if text.strip()]
+        expected = "expected one text per line"
+    else:
+        raise data.DataError(f"--input {path}: no such file or folder")
+    if not rows:
+        raise data.DataError(f"--input {path}: no text ({expected})")
+    return [text for _, text in rows], [i for i, _ in rows]
 
 
 def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
@@ -430,34 +417,6 @@ def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
     else:
         reviews, names = data.load_dataset(args.data, args.split, args.text_field, args.label_field)
     return (data.balanced_subset(reviews, args.limit) if args.limit else reviews), names
-
-
-def main(argv=None):
-    try:
-        run(argv)
-    except (CheckpointError, data.DataError, ScoringError) as e:
-        fail(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int) -> None:
-    """The flags classify.py and eval.py share: which texts to score, and how the NELBO is estimated
-    (mc_samples: the default of --mc-samples)."""
-    data.add_data_args(p)
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
-    p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
-    p.add_argument("--input", help="score your own texts instead: a file with one text per line, or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples,
-                   help=f"K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py); default {mc_samples}")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="time",
-                   help="time: t ~ U antithetic, weight 1/t (Eq. 11; default); count: k ~ U{1..n} masked tokens, weight n/k")
-    p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences (window x draw) per forward pass")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                   help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
 
 
 def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -> None:
@@ -490,20 +449,20 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
 
 
 def run(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
     p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
     p.add_argument("--ckpt", action="append", default=[],
                    help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
-    add_scoring_args(p, mc_samples=2)
+    add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
     p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
-                   "standard errors of 0 gets more rounds of K draws, up to this many (default 4 K; K = fixed K)")
+                   "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
     p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
-                   "exceeds z standard errors (default 2)")
+                   "exceeds z standard errors")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the posterior temperature on the training data's held-out validation texts, store it "
                         "with the checkpoints (calibration.json) and exit; later runs use it")
-    p.add_argument("--json", help="write the summary and per-text posteriors here")
+    p.add_argument("--json", help="write the summary and one row per text (id, text, label, prediction, posterior, NELBOs) here")
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
     if not paths:
@@ -523,7 +482,7 @@ def run(argv=None):
     temperature, temperature_source = clf.temperature, clf.temperature_source
     names, max_len = clf.classes, clf.models[0].config.model_length
     if args.input:
-        (texts, lines), labels = read_input(args.input), None
+        (texts, ids), labels = read_input(args.input), None
     else:
         reviews, data_names = labeled_texts(args)
         unknown = [n for n in data_names if n not in names]
@@ -531,31 +490,46 @@ def run(argv=None):
             raise data.DataError(f"{args.test_data or args.data}: class {unknown[0]!r} has no checkpoint "
                                  f"(the checkpoints are {', '.join(names)})")
         texts, labels = [r.text for r in reviews], np.array([names.index(data_names[r.label]) for r in reviews])
+        ids = [text_id(r, data_names, args) for r in reviews]
     tokens = data.encode(texts)
 
-    start = time.perf_counter()
-    draws = clf.draws(tokens, progress=True)
+    # scored in slices, so that Ctrl-C keeps what is done: the draws of a text depend on its index alone
+    draws = np.full((len(texts), len(names), clf.most_draws()), np.nan)
+    done, start = 0, time.perf_counter()
+    bar = progress_bar(len(texts), "scoring", "text", disable=rank > 0)
+    try:
+        for done in range(0, len(texts), SLICE):
+            draws[done:done + SLICE] = clf.draws(tokens[done:done + SLICE], first=done)
+            bar.update(len(draws[done:done + SLICE]))
+        done = len(texts)
+    except KeyboardInterrupt:
+        if rank > 0 or not done:
+            raise
+    bar.close()
     seconds = time.perf_counter() - start
     if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
+    total, partial = len(texts), done < len(texts)
+    texts, ids, tokens, draws = texts[:done], ids[:done], tokens[:done], draws[:done]
+    labels = None if labels is None else labels[:done]
     nelbo = np.nanmean(draws, -1)
     n_draws = draws_taken(draws)
     margin, margin_se = paired_margin(draws)
     post = posteriors(nelbo, temperature)
     pred = post.argmax(1)
 
-    summary = {"n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
+    summary = {"partial": partial, "n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
                "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
                "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
-               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(ids) > max_len for ids in tokens), "max_len": max_len}
+               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len}
     if labels is None:
-        summary.update(input=args.input, lines=lines)
-        print(f"{len(texts)} texts from --input {args.input} (blank lines skipped); {summary['windowed_texts']} "
-              f"longer than {max_len} tokens scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
-        print("line\tclass\tposterior\ttext")
-        for n, c, pr, text in zip(lines, pred, post, texts):
-            print(f"{n}\t{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
+        summary.update(input=args.input)
+        print(f"{len(texts)} texts from --input {args.input}; {summary['windowed_texts']} longer than {max_len} tokens "
+              f"scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
+        print("id\tclass\tposterior\ttext")
+        for i, c, pr, text in zip(ids, pred, post, texts):
+            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
     else:
         source = args.test_data or f"{args.split} split"
         summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
@@ -582,13 +556,27 @@ def run(argv=None):
         print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
               f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; {temperature_source}")
     if args.json:
-        summary["texts"] = [{"label": None if labels is None else int(labels[i]), "pred": int(pred[i]),
-                             "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
+        summary["texts"] = [{"id": ids[i], "text": texts[i], "label": None if labels is None else names[labels[i]],
+                             "pred": names[pred[i]], "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
                              "margin": round(float(margin[i]), 4),
-                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4), "draws": int(n_draws[i]),
-                             "n_tokens": len(tokens[i]), **({"line": lines[i]} if labels is None else {})}
-                            for i in range(len(texts))]
+                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
+                             "draws": int(n_draws[i]), "n_tokens": len(tokens[i])} for i in range(len(texts))]
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+    if partial:
+        written = f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} (marked partial)"
+        fail(f"interrupted after {done} of {total} texts{written}", 130)
+
+
+def text_id(review: data.Review, names: list[str], args) -> str | int:
+    """Where a user finds a labeled text: IMDB, its file inside aclImdb (split/label/<id>_<rating>.txt);
+    any other dataset, its position in the file (folder: in class, then name order), from 0."""
+    if review.rating:  # only IMDB reviews carry a rating
+        return f"{args.split}/{names[review.label]}/{review.id}_{review.rating}.txt"
+    return review.id
+
+
+def main(argv=None):
+    run_cli(run, argv, (CheckpointError, data.DataError, ScoringError))
 
 
 if __name__ == "__main__":

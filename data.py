@@ -56,16 +56,22 @@ class Review:
 
 
 def imdb_path(path: str | None = None) -> Path:
-    """The local tarball or folder: `path`, else $IMDB_PATH, else Stanford's tarball downloaded once to a cache."""
+    """The local tarball or folder: `path`, else $IMDB_PATH, else Stanford's tarball downloaded once to a cache.
+    Raises DataError for a path that does not exist and for a failed download (offline: name a local copy)."""
+    source = "--data" if path else "$IMDB_PATH"
     path = path or os.environ.get("IMDB_PATH")
     if path:
         if not os.path.exists(path):
-            raise DataError(f"--data {path}: no such file or folder (expected aclImdb_v1.tar.gz or its extracted folder)")
+            raise DataError(f"{source} {path}: no such file or folder (expected aclImdb_v1.tar.gz or its extracted folder)")
         return Path(path)
     target = Path.home() / ".cache" / "mdlm-classifier" / "aclImdb_v1.tar.gz"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(IMDB_URL, str(target))  # writes a temp file, then renames
+        try:
+            torch.hub.download_url_to_file(IMDB_URL, str(target))  # writes a temp file, then renames
+        except OSError as e:  # URLError, socket errors: offline
+            raise DataError(f"could not download IMDB from {IMDB_URL} ({type(e).__name__}); offline, pass --data or set "
+                            "IMDB_PATH to a local aclImdb_v1.tar.gz") from None
     return target
 
 
@@ -284,9 +290,16 @@ def clean(text: str) -> str:
 
 
 def get_tokenizer():
-    """tiktoken's GPT-2 BPE (50257 tokens). Offline: set TIKTOKEN_CACHE_DIR to a cache folder."""
+    """tiktoken's GPT-2 BPE (50257 tokens), downloaded once into tiktoken's cache. Raises DataError
+    when it can be neither read from the cache nor downloaded (offline: set TIKTOKEN_CACHE_DIR)."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as e:  # requests' ConnectionError is an OSError; a corrupt cache file a ValueError
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} does not hold it" if cache else "TIKTOKEN_CACHE_DIR is not set"
+        raise DataError(f"could not load the GPT-2 BPE ({type(e).__name__}; {where}): offline, set TIKTOKEN_CACHE_DIR "
+                        "to a folder with tiktoken's cached gpt2 files") from None
 
 
 def check_vocab(vocab_size: int, source: str) -> None:

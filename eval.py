@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 import data
-from classify import add_scoring_args, labeled_texts, read_input, score_texts
-from convert_hf import CheckpointError, load_hf, read_config
+from classify import ESTIMATORS, labeled_texts, read_input, score_texts
+from cli import HelpFormatter, add_scoring_args, run_cli
+from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 
 
@@ -65,18 +66,16 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
-    add_scoring_args(p, mc_samples=4)
+    add_scoring_args(p, mc_samples=4, estimators=ESTIMATORS)
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
     if args.input and (args.limit or args.data or args.test_data):
         p.error("--limit, --data and --test-data select labeled texts; they do not apply to --input")
     try:
-        run(args)
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    except PrecisionError as e:
+        run_cli(run, args, (CheckpointError, data.DataError))
+    except PrecisionError as e:  # the flag's own error, with the usage line
         p.error(f"argument --precision: {e}")
 
 
@@ -122,7 +121,7 @@ def run(args):
                    "device": device, "seconds": seconds, "results": results,
                    "texts": [{"data": str(groups[i]), "n_tokens": int(n_tokens[i]), "nelbo": per_text[i].round(4).tolist()}
                              for i in range(len(texts))]}
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ loadable. SIGINT (Ctrl-C) or SIGTERM: finish the step, save, exit (a second Ctrl
 only on m and --seed, and the lr only on the step.
 
 Several GPUs (or CPU processes, with gloo): `torchrun --standalone --nproc_per_node=N train.py ...`.
-Each optimizer step still takes --grad-accum micro-batches of --batch-size texts (the global batch
-does not change with N): process r runs micro-batches r, r + N, ... of each step, DDP averages
-the gradients, and only rank 0 logs and writes checkpoints. So N processes follow the same loss
-trajectory as one, up to float rounding. --grad-accum must be a multiple of N.
+Each optimizer step takes --grad-accum micro-batches of --batch-size texts: a global batch of
+batch-size x grad-accum texts, whatever N. --grad-accum defaults to N (one micro-batch per process
+per step; with N = 1 the global batch is --batch-size) and must be a multiple of N: process r runs
+micro-batches r, r + N, ... of each step, DDP averages the gradients, and only rank 0 logs and
+writes checkpoints. So a run on N processes with --grad-accum G follows the trajectory of one
+process with --grad-accum G, up to float rounding.
 """
 import argparse
 import copy
@@ -58,11 +60,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import data
 import diffusion
-from classify import fail, init_distributed, score_texts
+from classify import score_texts
+from cli import HelpFormatter, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 
@@ -78,7 +80,7 @@ ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "pre
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--class", dest="cls", required=True,
                    help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one class-conditional model on every text")
     data.add_data_args(p)
@@ -89,8 +91,9 @@ def parse_args(argv=None):
                         "0 = a full linear head (default: the preset's)")
     p.add_argument("--max-steps", type=data.positive(), default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
-    p.add_argument("--grad-accum", type=data.positive(), default=1,
-                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum)")
+    p.add_argument("--grad-accum", type=data.positive(),
+                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum "
+                        "texts; None: one per process)")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
@@ -279,16 +282,12 @@ def main(argv=None):
         stop.append(signum)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(args, stop)
-    except (CheckpointError, data.DataError) as e:
-        fail(f"error: {e}")
-    except KeyboardInterrupt:
-        fail(f"error: interrupted twice: exited without saving; the last checkpoint in {args.out} is intact")
+        run_cli(lambda a: train(a, stop), args, (CheckpointError, data.DataError),
+                "--batch-size (a larger --grad-accum keeps the global batch)",
+                f"interrupted twice: exited without saving; the last checkpoint in {args.out} is intact")
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def train(args, stop: list):
@@ -296,11 +295,15 @@ def train(args, stop: list):
     if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
         fail(f"error: --out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
     rank, world, device = init_distributed()
+    args.grad_accum = args.grad_accum or world  # stored resolved: --resume compares what ran
     if args.grad_accum % world:
         fail(f"error: --grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
              f"(each runs grad-accum / {world} micro-batches per step)")
     reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     cls = class_index(args.cls, classes)
+    if len(classes) == 1 and rank == 0:  # trains fine, but nothing can be classified against it
+        print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
+              "two classes (a model per class, or --class all)", file=sys.stderr)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
     n_classes = len(classes) if cls is None else 0  # --class all: one class-conditional model
     if cls is not None:
@@ -394,7 +397,7 @@ def train(args, stop: list):
         return shuffles[epoch][m % n_batches]
 
     mine = range(rank, args.grad_accum, world)  # this process's micro-batches of every step: a distinct shard
-    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank > 0)
+    bar = progress(args.max_steps, "training", "step", disable=rank > 0, initial=step)
     tokens_seen, train_seconds = 0, 0.0
     while step < args.max_steps:
         t0 = time.perf_counter()
@@ -406,7 +409,8 @@ def train(args, stop: list):
         for j in mine:
             m = step * args.grad_accum + j  # global micro-batch index
             idx = plan[j]
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + m)  # windows, t, masks, label dropout
+            seed = diffusion.draw_seed(args.seed, m)
+            g = torch.Generator().manual_seed(seed)  # windows, t, masks, label dropout
             t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
             masked = diffusion.mask_positions(t, attention_mask, g)
@@ -414,7 +418,7 @@ def train(args, stop: list):
             y = None
             if n_classes:
                 y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
-            parts.append((args.seed * 1_000_003 + m, x0.to(device), None if attention_mask is None else attention_mask.to(device),
+            parts.append((seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
                           t.to(device), masked.to(device), y))
         loss_sum = step_backward(ddp, parts, n_tokens, world)
         # one all-reduce for what every rank must agree on: the step's loss and whether to stop
@@ -434,8 +438,8 @@ def train(args, stop: list):
         train_seconds += time.perf_counter() - t0
         tokens_seen += n_tokens
         rate = tokens_seen / train_seconds
-        bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
         record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
         checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)

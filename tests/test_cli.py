@@ -69,9 +69,14 @@ def test_classify_reports_accuracy_and_confusion_matrix(class_models, tmp_path):
     assert [sum(row) for row in cm] == [4, 4] and summary["accuracy"] == (cm[0][0] + cm[1][1]) / 8
     # the models have learned the classes' words: a classifier that picked the worse class would score <= 2/8
     assert cm[0][0] >= 3 and cm[1][1] >= 3, cm
-    texts = summary["texts"]
-    assert len(texts) == 8 and all(t["posterior"][t["label"]] > 0.5 for t in texts if t["pred"] == t["label"])
-    assert all(t["nelbo"][t["pred"]] == min(t["nelbo"]) for t in texts)  # the decision is the lower bound's class
+    texts, names = summary["texts"], summary["classes"]
+    assert len(texts) == 8 and all(t["posterior"][names.index(t["label"])] > 0.5 for t in texts if t["pred"] == t["label"])
+    assert all(t["nelbo"][names.index(t["pred"])] == min(t["nelbo"]) for t in texts)  # the decision is the lower bound's class
+    # each row names its review: the file under aclImdb/ holds the row's text, in the folder of its label
+    for t in texts:
+        split, label, name = t["id"].split("/")
+        assert split == "test" and label == t["label"] in names
+        assert (tree / "aclImdb" / t["id"]).read_text() == t["text"]
     assert "confusion matrix" in result.stdout
 
 
@@ -81,11 +86,11 @@ def test_classify_user_texts_from_stdin(class_models):
                  stdin="the film was great wonderful superb loved\n\nthe film was awful terrible boring hated\n")
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
-    assert header == ["line", "class", "posterior", "text"]
+    assert header == ["id", "class", "posterior", "text"]
     assert [r[0] for r in rows] == ["1", "3"] and [r[1] for r in rows] == ["pos", "neg"]
     assert all(0.5 < float(r[2]) <= 1 for r in rows)
     assert [r[3] for r in rows] == ["the film was great wonderful superb loved", "the film was awful terrible boring hated"]
-    assert "2 texts from --input - (blank lines skipped)" in result.stderr
+    assert "2 texts from --input -" in result.stderr
 
 
 @pytest.mark.parametrize("swap, words", [

@@ -110,7 +110,7 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     for row in summary["texts"]:
         nelbo = np.array(row["nelbo"])
         assert row["margin"] == pytest.approx(np.sort(nelbo)[1] - nelbo.min(), abs=2e-3) and row["margin_se"] > 0
-        assert row["pred"] == int(nelbo.argmin())
+        assert row["pred"] == summary["classes"][int(nelbo.argmin())]
 
 
 def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():

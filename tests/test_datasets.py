@@ -2,6 +2,7 @@
 end to end on a toy dataset of three "languages" with disjoint vocabularies (conftest.LANGUAGES)."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -174,7 +175,8 @@ def test_separate_test_csv_with_renamed_columns_and_a_long_text(toy, tmp_path):
                    "--label-field", "lang", "--mc-samples", "2", "--json", str(out)])
     summary = json.loads(out.read_text())
     assert summary["data"] == str(path) and summary["n_texts"] == 7 and summary["windowed_texts"] == 1
-    assert sorted({t["label"] for t in summary["texts"]}) == [1, 2]  # mapped by name onto the checkpoints' classes
+    assert sorted({t["label"] for t in summary["texts"]}) == ["colors", "numbers"]  # mapped by name onto the checkpoints' classes
+    assert [t["id"] for t in summary["texts"]] == list(range(7)) and summary["texts"][-1]["text"] == rows[-1]["text"]
     assert summary["accuracy"] >= 0.8
 
 
@@ -197,11 +199,12 @@ def test_class_all_trains_one_conditional_model_that_classify_takes_alone(toy, t
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["class_index"] is None and config["class_name"] == "all" and config["classes"] == NAMES
     assert config["n_classes"] == 3
-    with pytest.raises(SystemExit, match="a class-conditional checkpoint .* pass it alone"):
-        classify.main(["--ckpt", str(tmp_path / "base"), "--ckpt", ckpts[1], "--ckpt", ckpts[2], "--data", str(jsonl)])
-    with pytest.raises(SystemExit, match="an unconditional model; give one checkpoint per class"):
-        classify.main(["--ckpt", ckpts[0], "--data", str(jsonl)])
-    with pytest.raises(SystemExit, match="3 classes .* but 2 checkpoints"):
-        classify.main(["--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", str(jsonl)])
-    with pytest.raises(SystemExit, match="--class birds: expected one of animals, colors, numbers"):
-        train.main([*common, "--class", "birds", "--out", str(tmp_path / "x")])
+    for main, argv, words in [
+            (classify.main, ["--ckpt", str(tmp_path / "base"), "--ckpt", ckpts[1], "--ckpt", ckpts[2]],
+             "a class-conditional checkpoint .* pass it alone"),
+            (classify.main, ["--ckpt", ckpts[0]], "an unconditional model; give one checkpoint per class"),
+            (classify.main, ["--ckpt", ckpts[0], "--ckpt", ckpts[1]], "3 classes .* but 2 checkpoints"),
+            (train.main, [*common, "--class", "birds", "--out", str(tmp_path / "x")], "--class birds: expected one of animals, colors, numbers")]:
+        with pytest.raises(SystemExit):
+            main(argv if main is train.main else [*argv, "--data", str(jsonl)])
+        assert re.search(words, capsys.readouterr().err), words

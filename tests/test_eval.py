@@ -9,7 +9,8 @@ import torch
 
 import diffusion
 from conftest import FIXTURE, run_script
-from classify import draw_seed, score_texts
+from classify import score_texts
+from diffusion import draw_seed
 from convert_hf import load_hf, save_checkpoint
 from model import DiT, DiTConfig
 

@@ -1,0 +1,127 @@
+"""The plumbing that the command-line tools (train.py, classify.py, eval.py) share, and nothing else:
+--help that shows defaults, torchrun set-up, one-line failures, and progress that suits a terminal
+or a log file. No model or diffusion maths lives here.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from model import PRECISIONS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every flag's default."""
+
+
+def fail(message: str, status: int = 1):
+    """Exit with a one-line error on stderr (no traceback). Under torchrun every rank meets the same
+    error; rank 0 says it."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
+    raise SystemExit(status)
+
+
+def init_distributed() -> tuple[int, int, str]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE set) join the process group: NCCL with
+    one GPU per process (LOCAL_RANK), gloo on CPU. A plain `python script.py` is rank 0 of 1.
+    Exits with a one-line error when torchrun starts more processes per node than there are GPUs."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL would fail later with a traceback from every process
+            fail(f"error: torchrun started process {local_rank} on a machine with {gpus} GPU(s): pass "
+                 f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on the CPU")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))  # binds the communicator to this GPU now
+    else:
+        device = "cpu"
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tuple) -> None:
+    """The flags of classify.py and eval.py: which texts to score, and how the NELBO is estimated
+    (mc_samples: the default of --mc-samples; estimators: classify.ESTIMATORS, the first the default)."""
+    data.add_data_args(p)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
+    p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
+    p.add_argument("--input", help="score your own texts instead: a file with one text per line, a folder of .txt "
+                   "files (one text each), or - for stdin")
+    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples,
+                   help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
+    p.add_argument("--estimator", choices=estimators, default=estimators[0],
+                   help="time: t ~ U antithetic, weight 1/t (Eq. 11); count: k ~ U{1..n} masked tokens, weight n/k")
+    p.add_argument("--batch-size", type=data.positive(), default=16,
+                   help="texts per forward pass (as in train.py), each with its K draws; smaller if memory runs out")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e)
+                                                     and "memory" in str(e))
+
+
+def run_cli(run, argv, errors: tuple, smaller: str = "--batch-size", interrupted: str = "interrupted"):
+    """Call run(argv), turning the failures a user can fix into one-line errors: `errors` (the tool's
+    own exception types, whose messages name the file, line, key or flag), running out of memory
+    (the message names `smaller`, the flag that sizes a forward pass) and Ctrl-C (`interrupted`,
+    exit status 130 as a shell expects). Leaves the torchrun process group in every case."""
+    try:
+        run(argv)
+    except errors as e:
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail(interrupted, 130)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0][:160]
+        fail(f"error: out of memory ({first}); pass a smaller {smaller}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _LogLines:
+    """tqdm's interface (update, set_postfix, write, close) for output that is not a terminal: one
+    plain line every tenth of the total instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, initial, ""
+        self.start, self.next = time.perf_counter(), initial + max(1, total // 10)
+
+    def update(self, n: int = 1):
+        self.n += n
+        if self.n >= self.next or self.n == self.total:
+            self.next = self.n + max(1, self.total // 10)
+            seconds = time.perf_counter() - self.start
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {seconds:.0f} s{self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def write(self, line: str):
+        print(line, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress(total: int, desc: str, unit: str, disable: bool = False, initial: int = 0, leave: bool = True):
+    """A progress bar on stderr: tqdm's on a terminal, a line every 10 % otherwise (a log file stays
+    readable); nothing when disabled (e.g. ranks > 0)."""
+    if not disable and not sys.stderr.isatty():
+        return _LogLines(total, desc, unit, initial)
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, initial=initial, leave=leave)

@@ -1,0 +1,180 @@
+"""What a new user meets first (issue 11): Ctrl-C keeps the scored rows, running out of memory and
+being offline are one-line errors naming what to change, --input takes a folder, a one-class
+dataset is warned about, --help shows defaults, and output to a file is plain lines."""
+import json
+import re
+import urllib.error
+
+import pytest
+import requests
+import torch
+
+import classify
+import data
+import train
+from conftest import make_imdb_tree, run_script
+from convert_hf import save_checkpoint
+from model import DiT, PRESETS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two different untrained tiny class checkpoints (neg, pos) and a fake aclImdb tree (12 reviews per class)."""
+    root = tmp_path_factory.mktemp("newcomer")
+    for c, name in enumerate(data.CLASSES):
+        torch.manual_seed(c)
+        model = DiT(PRESETS["tiny"])
+        save_checkpoint(model.state_dict(), model.config, root / name,
+                        {"class_index": c, "class_name": name, "classes": list(data.CLASSES)})
+    return root, make_imdb_tree(root / "imdb")
+
+
+def classify_args(pair, *extra):
+    root, tree = pair
+    return ["--ckpt0", str(root / "neg"), "--ckpt1", str(root / "pos"), "--data", str(tree), "--mc-samples", "1",
+            "--max-draws", "1", *map(str, extra)]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_ctrl_c_writes_the_rows_scored_so_far_marked_partial(pair, tmp_path, monkeypatch, capsys):
+    classify.main(classify_args(pair, "--json", tmp_path / "whole.json"))
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    monkeypatch.setattr(classify, "SLICE", 10)  # 24 texts: slices of 10, 10, 4
+    real, calls = classify.DiffusionClassifier.draws, []
+
+    def interrupted_in_slice_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(classify.DiffusionClassifier, "draws", interrupted_in_slice_2)
+    with pytest.raises(SystemExit) as exit_:
+        classify.main(classify_args(pair, "--json", tmp_path / "part.json"))
+    assert exit_.value.code == 130
+    assert one_line(capsys).startswith("interrupted after 10 of 24 texts")
+    part = json.loads((tmp_path / "part.json").read_text())
+    assert part["partial"] is True and whole["partial"] is False and part["n_texts"] == 10
+    # the rows kept are those of the whole run: same texts, same draws
+    assert part["texts"] == whole["texts"][:10]
+    assert sum(map(sum, part["confusion_matrix"])) == 10
+
+
+def test_ctrl_c_before_any_row_exits_130_without_a_file(pair, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(classify.DiffusionClassifier, "draws", interrupt)
+    with pytest.raises(SystemExit) as exit_:
+        classify.main(classify_args(pair, "--json", tmp_path / "none.json"))
+    assert exit_.value.code == 130 and one_line(capsys) == "interrupted" and not (tmp_path / "none.json").exists()
+
+
+OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 11978692752 bytes. Error code 12"
+
+
+@pytest.mark.parametrize("error", [RuntimeError(OOM), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_out_of_memory_names_the_batch_size(pair, tmp_path, monkeypatch, capsys, error):
+    def no_memory(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(classify, "score_draws", no_memory)
+    with pytest.raises(SystemExit):
+        classify.main(classify_args(pair))
+    message = one_line(capsys)
+    assert message.startswith("error: out of memory (") and message.endswith("pass a smaller --batch-size")
+    monkeypatch.setattr(train.diffusion, "nelbo", no_memory)
+    with pytest.raises(SystemExit):
+        train.main(["--class", "0", "--data", str(pair[1]), "--init", "scratch", "--preset", "tiny", "--max-steps", "1",
+                    "--out", str(tmp_path / "t")])
+    assert one_line(capsys).endswith("pass a smaller --batch-size (a larger --grad-accum keeps the global batch)")
+
+
+def test_other_runtime_errors_are_not_dressed_as_out_of_memory(pair, monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(classify, "score_draws", bug)
+    with pytest.raises(RuntimeError, match="shapes"):
+        classify.main(classify_args(pair))
+
+
+def test_offline_tokenizer_names_the_variable(monkeypatch, tmp_path):
+    import tiktoken
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(data.DataError, match=r"^could not load the GPT-2 BPE \(ConnectionError; TIKTOKEN_CACHE_DIR=.*empty "
+                                             r"does not hold it\): offline, set TIKTOKEN_CACHE_DIR"):
+        data.encode(["a text"])
+
+
+def test_offline_imdb_names_the_flag_and_variable(monkeypatch, tmp_path, capsys):
+    def offline(url, dst):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached download
+    monkeypatch.delenv("IMDB_PATH", raising=False)
+    with pytest.raises(SystemExit):
+        train.main(["--class", "0", "--init", "scratch", "--preset", "tiny", "--out", str(tmp_path / "o")])
+    message = one_line(capsys)
+    assert message.startswith("error: could not download IMDB from https://") and message.endswith(
+        "offline, pass --data or set IMDB_PATH to a local aclImdb_v1.tar.gz")
+    assert not list(tmp_path.rglob("*.tar.gz"))  # no half-written download left behind
+    monkeypatch.setenv("IMDB_PATH", str(tmp_path / "nowhere.tar.gz"))
+    with pytest.raises(data.DataError, match=r"^\$IMDB_PATH .*nowhere.tar.gz: no such file"):
+        data.imdb_path()
+
+
+def test_input_folder_scores_each_txt_file_by_name(pair, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "b.txt").write_text("the film was great wonderful")
+    (folder / "a.txt").write_text("the film was awful\nand dull")  # a file is one text, line breaks included
+    (folder / "notes.md").write_text("not a text to score")
+    (folder / "empty.txt").write_text("  \n")
+    root, _ = pair
+    classify.main(["--ckpt0", str(root / "neg"), "--ckpt1", str(root / "pos"), "--input", str(folder), "--json",
+                   str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["texts"]
+    assert [(r["id"], r["text"]) for r in rows] == [("a.txt", "the film was awful\nand dull"),
+                                                     ("b.txt", "the film was great wonderful")]
+    assert all(r["label"] is None and r["pred"] in data.CLASSES for r in rows)
+    header, *lines = capsys.readouterr().out.strip().split("\n")
+    assert header.split("\t")[0] == "id" and [line.split("\t")[0] for line in lines if "\t" in line][:1] == ["a.txt"]
+
+
+def test_a_one_class_dataset_is_warned_about(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text number {i}", "label": "spam"}) + "\n" for i in range(40)))
+    result = run_script("train.py", "--class", "spam", "--data", path, "--init", "scratch", "--preset", "tiny",
+                        "--max-steps", 1, "--warmup-steps", 0, "--batch-size", 4, "--val-reviews", 1, "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {path}: every label is 'spam'; a classifier needs texts of at least two classes" in result.stderr
+
+
+def test_help_shows_defaults_and_one_meaning_of_batch_size():
+    def help_of(text: str, flag: str) -> str:  # the help of one option, on one line
+        options = text.split("\noptions:", 1)[1]
+        return " ".join(re.search(rf"\n  {flag} [A-Z_]+\s+(.*?)(?=\n  -|\Z)", options, re.S).group(1).split())
+    for script, flag, default in [("train.py", "--max-steps", "1000"), ("classify.py", "--mc-samples", "2"),
+                                  ("eval.py", "--mc-samples", "4"), ("classify.py", "--batch-size", "16")]:
+        result = run_script(script, "--help")
+        assert result.returncode == 0
+        assert help_of(result.stdout, flag).endswith(f"(default: {default})"), (script, flag)
+        assert help_of(result.stdout, "--batch-size").startswith("texts per"), script
+
+
+def test_output_to_a_file_is_plain_lines(tmp_path, pair):
+    result = run_script("train.py", "--class", "0", "--data", pair[1], "--init", "scratch", "--preset", "tiny",
+                        "--max-steps", 20, "--warmup-steps", 0, "--batch-size", 4, "--val-reviews", 1, "--eval-every", 20,
+                        "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr + result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.startswith("training: ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/20" for s in range(2, 21, 2)]
