@@ -107,7 +107,7 @@ class _LogLines:
         if self.n >= self.next or self.n == self.total:
             self.next = self.n + max(1, self.total // 10)
             seconds = time.perf_counter() - self.start
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {seconds:.0f} s{self.postfix}", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.unit} {self.n}/{self.total}, {seconds:.0f} s{self.postfix}", file=sys.stderr, flush=True)
 
     def set_postfix(self, **values):
         self.postfix = "".join(f", {k} {v}" for k, v in values.items())

@@ -152,7 +152,8 @@ def nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor,
     Unmasked positions contribute exactly 0 under SUBS, so logits are computed only where masked.
     Divide by the number of real tokens for nats/token.
     """
-    return _weighted_nll(model, x0, masked, loss_weight(t), model_sigma(model, t), attention_mask, class_labels)
+    nll = token_nll(model, x0, masked, model_sigma(model, t), attention_mask, class_labels)
+    return weighted_sum(nll, masked, loss_weight(t)[:, None])
 
 
 def nelbo_count(model, x0: torch.Tensor, masked: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -172,16 +173,27 @@ def nelbo_count(model, x0: torch.Tensor, masked: torch.Tensor, attention_mask: t
     if model.config.time_conditioning:
         raise ValueError("the count estimator needs a model without time conditioning (its output must not depend on t)")
     n = torch.full(masked.shape[:1], masked.shape[1], device=masked.device) if attention_mask is None else attention_mask.sum(1)
-    weight = n / masked.sum(1)
-    return _weighted_nll(model, x0, masked, weight.float(), torch.zeros_like(weight, dtype=torch.float32),
-                         attention_mask, class_labels)
+    weight = (n / masked.sum(1)).float()
+    nll = token_nll(model, x0, masked, torch.zeros_like(weight), attention_mask, class_labels)
+    return weighted_sum(nll, masked, weight[:, None])
 
 
-def _weighted_nll(model, x0, masked, row_weight, sigma_in, attention_mask, class_labels) -> torch.Tensor:
-    """sum over masked positions of row_weight[row] * -log p_theta(x0_i | x_t) (SUBS), float32 [B]."""
+def token_nll(model, x0: torch.Tensor, masked: torch.Tensor, sigma_in: torch.Tensor,
+              attention_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """-log p_theta(x0_i | x_t) (SUBS) at every masked position, 0 elsewhere: float32 [B, L], nats.
+
+    x_t is x0 with the mask token at `masked`; sigma_in: float [B], the noise level the backbone
+    is given (model_sigma); other arguments as nelbo. The model returns log-probabilities of the
+    targets at the masked positions only (model.DiT `targets=`), scattered back onto the grid.
+    """
     mask_index = model.config.vocab_size - 1
     xt = torch.where(masked, mask_index, x0)
     log_p = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels, targets=x0[masked])  # [N]
-    # back onto the [B, L] grid and summed per row: deterministic on every device (index_add_ uses atomics on CUDA)
-    nll = torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
-    return torch.where(masked, nll * row_weight[:, None], 0.0).sum(1)  # a row with nothing masked: 0, whatever its weight
+    return torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
+
+
+def weighted_sum(nll: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over the masked positions of weight * nll, per row: float32 [B]. weight: [B, 1] or [B, L].
+    A plain row sum, deterministic on every device (index_add_ would use atomics on CUDA); a row
+    with nothing masked gives 0, whatever its weight."""
+    return torch.where(masked, nll * weight, 0.0).sum(1)

@@ -61,6 +61,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
+import atat
 import data
 import diffusion
 from classify import score_texts
@@ -69,14 +70,19 @@ from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
+ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
+COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
 STATE = "train_state.safetensors"
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "label_dropout", "unlabeled")
+              "text_field", "label_field", "label_dropout", "unlabeled", "lr_schedule", "objective", "atat_width",
+              "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared). adaptive_head
 # and precision are stored resolved (the head built, the autocast dtype used), not as given.
-ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "precision": None}  # what a train state written before these flags ran with
+ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
+               "objective": "mdlm", "atat_width": 64, "atat_layers": 2, "atat_phases": [0.3, 0.7], "atat_tilt": 0.5,
+               "atat_estimator_weight": 1.0}
 
 
 def parse_args(argv=None):
@@ -96,6 +102,19 @@ def parse_args(argv=None):
                         "texts; None: one per process)")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
+    p.add_argument("--objective", choices=["mdlm", "atat"], default="mdlm",
+                   help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
+    p.add_argument("--atat-width", type=data.positive(), default=64, help="--objective atat: the importance estimator's width")
+    p.add_argument("--atat-layers", type=data.positive(), default=2, help="--objective atat: its transformer layers")
+    p.add_argument("--atat-phases", type=float, nargs=2, default=[0.3, 0.7], metavar=("EASY_END", "HARD_START"),
+                   help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, "
+                        "hard ones more after HARD_START x --max-steps, and moves between the two in the middle")
+    p.add_argument("--atat-tilt", type=float, default=0.5,
+                   help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
+    p.add_argument("--atat-estimator-weight", type=float, default=1.0,
+                   help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
@@ -124,6 +143,14 @@ def parse_args(argv=None):
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
     if not 0 <= args.label_dropout < 1:
         p.error(f"argument --label-dropout: must be in [0, 1), got {args.label_dropout}")
+    if not 0 <= args.atat_phases[0] <= args.atat_phases[1] <= 1:
+        p.error(f"argument --atat-phases: expected 0 <= EASY_END <= HARD_START <= 1, got {args.atat_phases}")
+    if not 0 <= args.atat_tilt < 1:  # at 1 a row's extreme token would never be masked (weight 1/p unbounded)
+        p.error(f"argument --atat-tilt: must be in [0, 1), got {args.atat_tilt}")
+    if args.atat_width % ATAT_HEADS:
+        p.error(f"argument --atat-width: must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {args.atat_width}")
+    if not args.atat_estimator_weight >= 0:
+        p.error(f"argument --atat-estimator-weight: must be >= 0, got {args.atat_estimator_weight}")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
     if args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
@@ -180,28 +207,64 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     return conditional.eval()
 
 
-def step_backward(model, parts: list, step_tokens: int, world: int = 1) -> torch.Tensor:
+@dataclasses.dataclass
+class AtatStep:
+    """What --objective atat adds to a training step (atat.py): the importance estimator (DDP-wrapped
+    under torchrun), this step's curriculum tilt, and the weight of the estimator's regression loss."""
+    estimator: torch.nn.Module
+    tilt: float
+    weight: float
+
+
+def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None):
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: (seed, x0, attention_mask, t, masked, class_labels) per micro-batch: the seed of its
     dropout, then diffusion.nelbo's arguments; step_tokens: the real tokens of the whole step, over
     all micro-batches and processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
-    Gradients are all-reduced once, on the last micro-batch. Returns this process's share of the
-    step's loss, a float64 scalar tensor (no host sync).
+    Gradients are all-reduced once, on the last micro-batch.
+
+    With atat_step, the 5th entry is the forward process's uniforms u (float [B, L]) instead of the
+    masks: the estimator scores x0, atat.mask_with_scores masks from the same u with the step's
+    tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
+    unbiased NELBO otherwise, see atat.py), and weight x atat.estimator_loss (per micro-batch,
+    averaged over the step's micro-batches) trains the estimator on the detached per-token losses.
+    Returns (this process's share of the step's loss, its share of the estimator loss or None):
+    float64 scalar tensors (no host sync).
     """
-    loss = torch.zeros((), dtype=torch.float64, device=parts[0][1].device)
+    device = parts[0][1].device
+    loss, est_loss = torch.zeros((), dtype=torch.float64, device=device), None
+    n_micro = len(parts) * world
     for j, (seed, x0, attention_mask, t, masked, labels) in enumerate(parts):
         torch.manual_seed(seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
-        with model.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
-            nats = diffusion.nelbo(model, x0, t, masked, attention_mask, labels).sum() / step_tokens
-            (nats * world).backward()
+        last = world == 1 or j == len(parts) - 1
+        with nullcontext() if last else model.no_sync(), \
+                nullcontext() if last or atat_step is None else atat_step.estimator.no_sync():
+            if atat_step is None:
+                nats = diffusion.nelbo(model, x0, t, masked, attention_mask, labels).sum() / step_tokens
+                total = nats
+            else:
+                scores = atat_step.estimator(x0, attention_mask)
+                masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, masked)
+                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask, labels)
+                nats = diffusion.weighted_sum(nll, masked, atat.token_weights(t, p)).sum() / step_tokens
+                target = atat.difficulty_target(nll.detach(), model.config.vocab_size)
+                est = atat.estimator_loss(scores, target, masked) / n_micro
+                total = nats + atat_step.weight * est
+                est_loss = est.detach().double() + (0.0 if est_loss is None else est_loss)
+            (total * world).backward()
         loss += nats.detach()
-    return loss
+    return loss, est_loss
 
 
 def lr_at(step: int, args) -> float:
-    return args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
+    """The lr of optimizer step `step` (from 0): linear warmup over --warmup-steps, then constant,
+    or (--lr-schedule cosine) a cosine decay from --lr to COSINE_FLOOR x --lr at --max-steps."""
+    if step < args.warmup_steps or args.lr_schedule == "constant":
+        return args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
+    progress = (step - args.warmup_steps) / max(args.max_steps - args.warmup_steps, 1)
+    return args.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 @torch.no_grad()
@@ -213,11 +276,13 @@ def ema_update(ema: DiT, model: DiT, step: int, decay: float) -> None:
         e.lerp_(p, 1 - d)
 
 
-def save(args, model, ema, opt, step, meta):
-    """train_state.safetensors first (one file, so it is always a whole state), then the EMA export."""
+def save(args, model, ema, opt, step, meta, estimator=None):
+    """train_state.safetensors first (one file, so it is always a whole state), then the EMA export.
+    The ATAT importance estimator (and its AdamW moments) is in the train state only."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for i, p in enumerate(model.parameters()):
+    state.update({f"estimator.{k}": v for k, v in ({} if estimator is None else estimator.state_dict()).items()})
+    for i, p in enumerate(p for group in opt.param_groups for p in group["params"]):  # the DiT's, then the estimator's
         for k, v in opt.state.get(p, {}).items():
             if k != "step":  # the step count is `step`
                 state[f"adam.{i}.{k}"] = v
@@ -228,10 +293,11 @@ def save(args, model, ema, opt, step, meta):
     save_checkpoint(ema.state_dict(), ema.config, out, {**meta, "step": step})
 
 
-def resume(args, model, ema, opt) -> int:
-    """Restore raw weights, EMA and AdamW moments from --out/train_state.safetensors; returns its step.
-    Raises CheckpointError if the file is missing or unreadable, does not fit the model, or was
-    written with other TRAJECTORY flags."""
+def resume(args, model, ema, opt, estimator=None) -> int:
+    """Restore raw weights, EMA, the ATAT estimator and AdamW moments from --out/train_state.safetensors;
+    returns its step. Raises CheckpointError if the file is missing or unreadable, does not fit the
+    model, or was written with other TRAJECTORY flags (or another --max-steps, when the lr schedule
+    or the curriculum is laid out over it)."""
     path = Path(args.out, STATE)
     if not path.is_file():
         raise CheckpointError(f"--resume: {path} not found (nothing to resume; leave out --resume to start)")
@@ -246,16 +312,21 @@ def resume(args, model, ema, opt) -> int:
     unknown = [k for k, v in ADDED_LATER.items() if v is None and saved.get(k) is None]  # an old state did not say
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
+    if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
+        changed.append(f"--max-steps {saved.get('max_steps')} (now {args.max_steps}; the cosine lr and the ATAT "
+                       "curriculum are laid out over it)")
     if changed:
         raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed) + "; these flags must not change")
     try:
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
         ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)
+        if estimator is not None:
+            estimator.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("estimator.")}, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
     moments = {i: {"step": torch.tensor(float(step)), "exp_avg": state[f"adam.{i}.exp_avg"],
                     "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"]}
-               for i in range(len(list(model.parameters()))) if f"adam.{i}.exp_avg" in state}
+               for i in range(sum(len(group["params"]) for group in opt.param_groups)) if f"adam.{i}.exp_avg" in state}
     # through the optimizer's own loader: it places and casts the moments as its implementation (fused, capturable) needs
     opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
     return step
@@ -325,6 +396,10 @@ def train(args, stop: list):
     data.check_vocab(model.config.vocab_size, f"--init {args.init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # after loading: EMA starts at the loaded weights
     max_len = model.config.model_length
+    estimator = None  # --objective atat: trained beside the DiT, kept in train_state only (classify.py never sees it)
+    if args.objective == "atat":
+        cfg = atat.EstimatorConfig(model.config.vocab_size, args.atat_width, args.atat_layers, ATAT_HEADS, max_len)
+        estimator = atat.ImportanceEstimator(cfg).to(device).train()
     # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
     text_labels = torch.tensor([n_classes if r.label < 0 else r.label for r in train])
     val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]]
@@ -332,18 +407,21 @@ def train(args, stop: list):
     if not val_tokens:
         raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
     lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    groups = [{"params": list(model.parameters())}] + ([] if estimator is None else [{"params": list(estimator.parameters())}])
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "tokenizer": "gpt2",
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
-    step = resume(args, model, ema, opt) if args.resume else 0
+    step = resume(args, model, ema, opt, estimator) if args.resume else 0
     last_saved = step if args.resume else None
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
         # an adaptive head's tail cluster gets no gradient in a micro-batch with no target in it
         ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None,
                                       find_unused_parameters=bool(model.config.adaptive_head))
         ddp.config = model.config  # diffusion.nelbo reads it
+        est_ddp = None if estimator is None else DistributedDataParallel(
+            estimator, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
     else:
-        ddp = model
+        ddp, est_ddp = model, estimator
     n_params = sum(p.numel() for p in model.parameters())
     n_long = sum(len(ids) > max_len for ids in tokens)
     if rank == 0:
@@ -413,21 +491,31 @@ def train(args, stop: list):
             g = torch.Generator().manual_seed(seed)  # windows, t, masks, label dropout
             t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
-            masked = diffusion.mask_positions(t, attention_mask, g)
+            if estimator is None:
+                masked = diffusion.mask_positions(t, attention_mask, g)
+            else:  # the same uniforms mask_positions draws; the tilted masks need the estimator's scores (step_backward)
+                masked = torch.rand(attention_mask.shape, generator=g)
             attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
             y = None
             if n_classes:
                 y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
             parts.append((seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
                           t.to(device), masked.to(device), y))
-        loss_sum = step_backward(ddp, parts, n_tokens, world)
-        # one all-reduce for what every rank must agree on: the step's loss and whether to stop
-        agreed = torch.stack([loss_sum, torch.tensor(float(len(stop)), dtype=torch.float64, device=device)])
+        atat_step = None
+        if estimator is not None:
+            tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
+            atat_step = AtatStep(est_ddp, tilt, args.atat_estimator_weight)
+        loss_sum, est_loss = step_backward(ddp, parts, n_tokens, world, atat_step)
+        # one all-reduce for what every rank must agree on: the step's losses and whether to stop
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop)])
         if world > 1:
             dist.all_reduce(agreed)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if estimator is not None:  # clipped apart: the DiT's clipping is the plain objective's
+            torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
         # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-        loss_sum, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()
+        loss_sum, est_loss, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
                  f"stopped before the update, {intact()}")
@@ -441,6 +529,8 @@ def train(args, stop: list):
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
+        if estimator is not None:
+            record.update(tilt=tilt, estimator_loss=est_loss)
         checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())
@@ -454,7 +544,7 @@ def train(args, stop: list):
             log.flush()
         if checkpoint:
             if rank == 0:
-                save(args, model, ema, opt, step, meta)
+                save(args, model, ema, opt, step, meta, estimator)
             last_saved = step
         if stopping:
             signum = stop[0] if stop else signal.SIGTERM

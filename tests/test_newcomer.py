@@ -177,4 +177,4 @@ def test_output_to_a_file_is_plain_lines(tmp_path, pair):
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr + result.stdout
     progress = [line for line in result.stderr.splitlines() if line.startswith("training: ")]
-    assert [line.split()[1] for line in progress] == [f"{s}/20" for s in range(2, 21, 2)]
+    assert [line.split()[2] for line in progress] == [f"{s}/20," for s in range(2, 21, 2)]
