@@ -122,7 +122,7 @@ def estimator_loss(scores: torch.Tensor, target: torch.Tensor, masked: torch.Ten
     with a zero gradient, when nothing is masked. Values at unmasked positions are never read, so
     NaN or garbage there reaches neither the loss nor the gradient. No host sync.
     """
-    diff = scores[masked].float() - target.detach()[masked].float()
+    diff = torch.where(masked, scores.float() - target.detach().float(), 0.0)  # where, not indexing: no host sync
     return (diff * diff).sum() / masked.sum().clamp(min=1)
 
 

@@ -28,6 +28,7 @@ from sklearn.naive_bayes import MultinomialNB
 from sklearn.pipeline import make_pipeline
 
 import data
+from cli import HelpFormatter
 from bench import print_table
 
 TOKEN_PATTERN = r"(?u)\b\w+(?:'\w+)?\b|[!?]"  # words, words with an inner apostrophe, ! and ?
@@ -68,7 +69,7 @@ def texts_and_labels(reviews: list[data.Review]) -> tuple[list[str], np.ndarray]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
     p.add_argument("--json", help="write the results here")

@@ -38,6 +38,7 @@ import torch
 
 import classify
 import data
+from cli import HelpFormatter
 import diffusion
 import model as dit
 import train
@@ -349,8 +350,8 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
         paths += [(name, tokens, compiled if compile_ else models, flags) for name, compile_, flags in score_rows]
         for k in args.ks:
             for name, toks, ms, flags in paths:
-                if flags.get("padded") and not 2 <= args.batch_size // k < len(toks):
-                    continue  # batch_size // k reviews share a forward pass: padding matters with 2+ of them in 2+ batches
+                if flags.get("padded") and not 2 <= args.batch_size < len(toks):
+                    continue  # batch_size reviews share a forward pass: padding matters with 2+ of them in 2+ batches
                 r = bench_score(ms, toks, k, device, args, 0 if (cname, name) in warm else args.warmup, **flags)
                 warm.add((cname, name))
                 if flags.get("naive"):
@@ -365,12 +366,12 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
                              "vs today": f"{r['reviews/s'] / naive[(k, 'today')]['reviews/s']:.2f}x" if (k, "today") in naive else "-",
                              "max abs dNELBO vs naive": f"{np.abs(r['nelbo'][:n_naive] - naive[k]['nelbo']).max():.1e}" if same_model else "-"})
     report(f"classification: class pair on {source} (mean {lengths.mean():.0f} / median {np.median(lengths):.0f} / "
-           f"p90 {np.percentile(lengths, 90):.0f} tokens), {args.batch_size} sequences per forward; "
+           f"p90 {np.percentile(lengths, 90):.0f} tokens), {args.batch_size} reviews (x K draws) per forward; "
            f"naive path on the first {n_naive}", rows)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", nargs="+", choices=PRESETS, help="model sizes (default: small on CUDA, tiny on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU, in TFLOP/s (default: known GPUs' dense bf16; "
@@ -380,7 +381,8 @@ def main():
     p.add_argument("--train-batch", type=int, help="training sequences per step (default 16 CUDA, 4 CPU)")
     p.add_argument("--reviews", type=int, help="reviews scored per row (default 512 CUDA, 32 CPU)")
     p.add_argument("--naive-reviews", type=int, help="reviews scored by the slow naive path (default 32 CUDA, 2 CPU)")
-    p.add_argument("--batch-size", type=int, help="sequences (review x draw) per forward pass (default 64 CUDA, 32 CPU)")
+    p.add_argument("--batch-size", type=int, help="reviews per forward pass, each with its K draws, as classify.py "
+                   "(None: 32 CUDA, 16 CPU; sessions 4-5 measured with 64 / 32 *sequences*)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4], help="draws per review")
     p.add_argument("--real", action="store_true", help="real IMDB test reviews (a balanced subset) instead of synthetic ones")
     p.add_argument("--data", help="aclImdb tarball or folder for --real (default: $IMDB_PATH, else download)")
@@ -392,7 +394,7 @@ def main():
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     for name, gpu, cpu in [("preset", ["small"], ["tiny"]), ("steps", 20, 3), ("warmup", 3, 1), ("train_batch", 16, 4),
-                           ("reviews", 512, 32), ("naive_reviews", 32, 2), ("batch_size", 64, 32)]:
+                           ("reviews", 512, 32), ("naive_reviews", 32, 2), ("batch_size", 32, 16)]:
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     device, peak = args.device, peak_flops(args.device, args.peak_tflops)

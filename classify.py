@@ -35,7 +35,6 @@ with its paired standard error over the draws. Ctrl-C writes the rows scored so 
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,10 +49,10 @@ from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
-from model import PRECISIONS, PrecisionError, set_runtime
+from model import PrecisionError, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
-SLICE = 256  # texts scored between two chances for Ctrl-C to keep the results so far
+SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C to keep the results so far
 
 
 ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
@@ -138,7 +137,7 @@ class ScoringError(ValueError):
 
 def score_sequential(models: list, token_lists: list[list[int]], k: int, max_draws: int, z: float, seed: int,
                      batch_size: int, device, class_labels: list | None = None, estimator: str = "time",
-                     progress: bool = False, first: int = 0) -> np.ndarray:
+                     progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
     """Sequential Monte-Carlo scoring: per-draw NELBOs in nats, float64 [N, C, max_draws], NaN after
     each text's last draw.
 
@@ -151,8 +150,8 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     round without correction, and after a first round of k = 2 draws the standard error has one
     degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
     a stopping threshold whose worth was measured (README "Speed"), not a guaranteed error rate.
-    first: the index of token_lists[0] among all the texts being scored (texts scored in slices get
-    the draws they would get scored at once). Raises ValueError unless max_draws is a multiple of
+    index: each text's index among all the texts being scored (default 0..N-1): the draws depend on
+    it alone, so texts scored in slices, in any order, get the draws they would get scored at once. Raises ValueError unless max_draws is a multiple of
     k and z > 0, and ScoringError for a NaN or infinite NELBO (e.g. fp16 overflow), which would
     otherwise read as a draw not taken.
     """
@@ -160,11 +159,12 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
         raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
     draws = np.full((len(token_lists), len(models), max_draws), np.nan)
     active = np.arange(len(token_lists))
+    index = active if index is None else np.asarray(index)
     for r in range(max_draws // k):
         new = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
-                          class_labels, estimator, progress, index=first + active, stream=r)
+                          class_labels, estimator, progress, index=index[active], stream=r)
         if not np.isfinite(new).all():
-            bad = first + int(active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]])
+            bad = int(index[active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]]])
             raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite (at --precision fp16 it can overflow; try fp32)")
         draws[active, :, r * k:(r + 1) * k] = new
         if k == 1 and r == 0:
@@ -346,12 +346,12 @@ class DiffusionClassifier:
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
         return self.score(data.encode(check_texts(texts)))
 
-    def draws(self, token_lists: list[list[int]], progress: bool = False, first: int = 0) -> np.ndarray:
+    def draws(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
-        after a text's last draw (score_sequential, whose `first` lets texts be scored in slices;
+        after a text's last draw (score_sequential, whose `index` lets texts be scored in slices;
         fixed K when max_draws = mc_samples)."""
         return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
-                                self.batch_size, self.device, self.class_labels, self.estimator, progress, first)
+                                self.batch_size, self.device, self.class_labels, self.estimator, progress, index)
 
     def most_draws(self) -> int:
         """The most draws a text can get (module function most_draws)."""
@@ -493,14 +493,17 @@ def run(argv=None):
         ids = [text_id(r, data_names, args) for r in reviews]
     tokens = data.encode(texts)
 
-    # scored in slices, so that Ctrl-C keeps what is done: the draws of a text depend on its index alone
+    # scored in slices, in a seeded random order, so that Ctrl-C keeps a fair sample of the texts:
+    # the draws of a text depend on its index alone, not on its slice
     draws = np.full((len(texts), len(names), clf.most_draws()), np.nan)
+    order, size = np.random.default_rng(args.seed).permutation(len(texts)), SLICE_BATCHES * args.batch_size * world
     done, start = 0, time.perf_counter()
     bar = progress_bar(len(texts), "scoring", "text", disable=rank > 0)
     try:
-        for done in range(0, len(texts), SLICE):
-            draws[done:done + SLICE] = clf.draws(tokens[done:done + SLICE], first=done)
-            bar.update(len(draws[done:done + SLICE]))
+        for done in range(0, len(texts), size):
+            part = order[done:done + size]
+            draws[part] = clf.draws([tokens[i] for i in part], index=part)
+            bar.update(len(part))
         done = len(texts)
     except KeyboardInterrupt:
         if rank > 0 or not done:
@@ -510,15 +513,16 @@ def run(argv=None):
     if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
     total, partial = len(texts), done < len(texts)
-    texts, ids, tokens, draws = texts[:done], ids[:done], tokens[:done], draws[:done]
-    labels = None if labels is None else labels[:done]
+    kept = np.sort(order[:done])  # in input order
+    texts, ids, tokens, draws = [texts[i] for i in kept], [ids[i] for i in kept], [tokens[i] for i in kept], draws[kept]
+    labels = None if labels is None else labels[kept]
     nelbo = np.nanmean(draws, -1)
     n_draws = draws_taken(draws)
     margin, margin_se = paired_margin(draws)
     post = posteriors(nelbo, temperature)
     pred = post.argmax(1)
 
-    summary = {"partial": partial, "n_texts": len(texts), "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
+    summary = {"partial": partial, "n_texts": len(texts), "n_texts_asked": total, "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
                "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
                "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
@@ -529,7 +533,7 @@ def run(argv=None):
               f"scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
         print("id\tclass\tposterior\ttext")
         for i, c, pr, text in zip(ids, pred, post, texts):
-            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{text[:70]}")
+            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{' '.join(text[:70].split())}")  # one line per text
     else:
         source = args.test_data or f"{args.split} split"
         summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
@@ -542,7 +546,8 @@ def run(argv=None):
         low, high = summary["accuracy_ci95"]
         draws_note = f"K={args.mc_samples}" if clf.most_draws() == args.mc_samples else \
             f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.most_draws()}, z={args.z:g})"
-        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {len(texts)} texts ({source}), {draws_note} ({args.estimator}), "
+        scope = f"{len(texts)} texts" + (f" (PARTIAL: a random {len(texts)} of {total})" if partial else "")
+        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} ({source}), {draws_note} ({args.estimator}), "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")
         print("confusion matrix (rows true, columns predicted): " + ", ".join(names))

@@ -16,7 +16,13 @@ from model import PRECISIONS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the module docstring's layout and shows every flag's default."""
+    """--help keeps the module docstring's layout and shows every flag's default: each flag that has
+    one (not None, False or an empty list) and whose help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def fail(message: str, status: int = 1):
@@ -69,8 +75,9 @@ def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tu
 
 def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e)
-                                                     and "memory" in str(e))
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "memory" in text
+                                                     and ("allocate" in text or "out of memory" in text))
 
 
 def run_cli(run, argv, errors: tuple, smaller: str = "--batch-size", interrupted: str = "interrupted"):
@@ -88,6 +95,10 @@ def run_cli(run, argv, errors: tuple, smaller: str = "--batch-size", interrupted
         if not is_out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0][:160]
+        rank = int(os.environ.get("RANK", 0))
+        if rank > 0:  # memory runs out on one process, not on all: it says so itself
+            print(f"error: rank {rank}: out of memory ({first}); pass a smaller {smaller}", file=sys.stderr)
+            raise SystemExit(1)
         fail(f"error: out of memory ({first}); pass a smaller {smaller}")
     finally:
         if dist.is_initialized():
@@ -100,12 +111,13 @@ class _LogLines:
 
     def __init__(self, total: int, desc: str, unit: str, initial: int):
         self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, initial, ""
-        self.start, self.next = time.perf_counter(), initial + max(1, total // 10)
+        self.every = max(1, -(-total // 10))  # a tenth, rounded up: at most 10 lines
+        self.start, self.next = time.perf_counter(), initial + self.every
 
     def update(self, n: int = 1):
         self.n += n
         if self.n >= self.next or self.n == self.total:
-            self.next = self.n + max(1, self.total // 10)
+            self.next = self.n + self.every
             seconds = time.perf_counter() - self.start
             print(f"{self.desc}: {self.unit} {self.n}/{self.total}, {seconds:.0f} s{self.postfix}", file=sys.stderr, flush=True)
 

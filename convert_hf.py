@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cli import HelpFormatter
 from model import DiT, DiTConfig
 
 DEFAULT_REPO = "kuleshov-group/mdlm-owt-noeos"  # the bd3lms README spells it mdlm-noeos-owt
@@ -174,7 +175,7 @@ def save_checkpoint(state_dict: dict, cfg: DiTConfig, folder: str | Path, extra:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--repo", default=DEFAULT_REPO, help="hub repo id or local snapshot folder")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     args = p.parse_args()

@@ -66,10 +66,10 @@ def imdb_path(path: str | None = None) -> Path:
         return Path(path)
     target = Path.home() / ".cache" / "mdlm-classifier" / "aclImdb_v1.tar.gz"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(IMDB_URL, str(target))  # writes a temp file, then renames
-        except OSError as e:  # URLError, socket errors: offline
+        except OSError as e:  # URLError, socket errors (offline), a read-only home
             raise DataError(f"could not download IMDB from {IMDB_URL} ({type(e).__name__}); offline, pass --data or set "
                             "IMDB_PATH to a local aclImdb_v1.tar.gz") from None
     return target

@@ -57,14 +57,19 @@ def antithetic_t(n: int, generator: torch.Generator | None = None, device=None) 
     return ((1 - SAMPLING_EPS) * u + SAMPLING_EPS).to(device)
 
 
-def mask_positions(t: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def mask_positions(t: torch.Tensor, attention_mask: torch.Tensor | None, generator: torch.Generator | None = None,
+                   u: torch.Tensor | None = None) -> torch.Tensor:
     """Forward process q(x_t | x0): bool [B, L], True where the token is masked.
 
-    t: float [B]; attention_mask: bool [B, L] (True at real tokens), whose device the result is on.
-    A real token is masked with probability move_chance(t); padding never is.
+    t: float [B]; attention_mask: bool [B, L] (True at real tokens), or None with u given (no padding).
+    A real token is masked with probability move_chance(t), where its uniform u < move_chance(t);
+    padding never is. u: float [B, L], or None to draw it from `generator` on the CPU (the same
+    draws on any device) and move it to attention_mask's device.
     """
-    u = torch.rand(attention_mask.shape, generator=generator).to(attention_mask.device)  # CPU draws: same on any device
-    return (u < move_chance(t).to(u.device)[:, None]) & attention_mask
+    if u is None:
+        u = torch.rand(attention_mask.shape, generator=generator).to(attention_mask.device)
+    masked = u < move_chance(t).to(u.device)[:, None]
+    return masked if attention_mask is None else masked & attention_mask
 
 
 def draw_seed(seed: int, *keys: int) -> int:

@@ -10,7 +10,7 @@ the standard error of that ratio over texts (text sampling and Monte-Carlo noise
 On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data) each
 checkpoint is scored on the texts of each class separately: the "confusion of likelihoods" table,
 rows = the texts' true class, columns = checkpoints. A class model should have its lowest NELBO
-on its own class. With --input, every line of a file is a text. A text longer than a model's
+on its own class. With --input, every line of a file (or each .txt file of a folder) is a text. A text longer than a model's
 model_length is scored whole, as the sum of the NELBOs of its disjoint windows (score_texts).
 
     python eval.py --ckpt ckpt/neg --ckpt ckpt/pos --split test --limit 1000 --mc-samples 4 --json ppl.json
@@ -56,7 +56,7 @@ def checkpoint_name(path: str) -> str:
 
 def load_texts(args) -> tuple[list[str], list[str], list[str]]:
     """(texts, group of each text, the groups in table order): labeled texts grouped by class name
-    (classify.labeled_texts), or the lines of --input (group 'input')."""
+    (classify.labeled_texts), or the texts of --input (group 'input')."""
     if args.input:
         texts, _ = read_input(args.input)
         return texts, ["input"] * len(texts), ["input"]

@@ -21,6 +21,7 @@ import time
 import torch
 
 import data
+from cli import HelpFormatter, run_cli
 from convert_hf import CheckpointError, load_hf
 from diffusion import masked_log_probs, model_sigma, move_chance
 from model import set_runtime
@@ -179,7 +180,7 @@ GPT2_VOCAB = 50257  # tiktoken "gpt2" ids 0..50256; the model adds the mask toke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
     p.add_argument("--num-samples", type=data.positive(), default=1)
     p.add_argument("--steps", type=data.positive(), default=1000, help="reverse steps T (model calls without --cache)")
@@ -207,7 +208,7 @@ def start_state(n: int, length: int, prompt_ids: list[int], mask_index: int) -> 
     return xt, fixed
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
     try:
         model = load_hf(args.ckpt)
@@ -254,6 +255,10 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     print(f"{args.num_samples} samples x {length} tokens, {args.steps} steps, {total_calls} model calls "
           f"({'cache' if args.cache else 'no cache'}), {seconds:.1f} s on {device}", file=sys.stderr)
+
+
+def main(argv=None):
+    run_cli(run, argv, (CheckpointError, data.DataError))  # one line for bad data, offline, out of memory, Ctrl-C
 
 
 if __name__ == "__main__":

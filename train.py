@@ -21,18 +21,21 @@ is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the
 Objective: the continuous-time NELBO of diffusion.py, in nats per real token of the whole
 optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
 step's real tokens, so a token weighs the same in a short text as in a long one), with
-antithetic t over each micro-batch. AdamW, linear warmup then constant lr, grad-norm clipping at
-1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the weights, started from the *loaded* weights, is what gets
+antithetic t over each micro-batch; or (--objective atat) MDLM-ATAT's importance-tilted masking
+with a curriculum (atat.py; its estimator trains beside the DiT, validation stays the plain
+NELBO). AdamW, linear warmup then a constant lr or (--lr-schedule cosine) a cosine decay to 1 %,
+grad-norm clipping at 1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the weights, started from the *loaded* weights, is what gets
 validated, saved as model.safetensors and used by classify.py. Per-class models must be trained
 with identical flags (only --class differs).
 
 Output folder: config.json (model config + training facts), model.safetensors (EMA weights, HF
-layout), train_state.safetensors (raw weights, EMA, AdamW moments and the step: all that --resume
-needs, in one file), log.jsonl (training loss and validation NELBO). Every file is written to a
+layout), train_state.safetensors (raw weights, EMA, the ATAT estimator, AdamW moments and the step:
+all that --resume needs, in one file), log.jsonl (training loss and validation NELBO). Every file is written to a
 temporary name and renamed, so killing the job at any moment leaves the previous checkpoint
 loadable. SIGINT (Ctrl-C) or SIGTERM: finish the step, save, exit (a second Ctrl-C leaves at once).
 --resume continues exactly: the data order, windows, t, masks and dropout of micro-batch m depend
-only on m and --seed, and the lr only on the step.
+only on m and --seed (diffusion.draw_seed), and the lr and the ATAT tilt only on the step and
+--max-steps.
 
 Several GPUs (or CPU processes, with gloo): `torchrun --standalone --nproc_per_node=N train.py ...`.
 Each optimizer step takes --grad-accum micro-batches of --batch-size texts: a global batch of
@@ -71,8 +74,10 @@ from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
+ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup and schedule)
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
 STATE = "train_state.safetensors"
+SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); recorded so that --resume can tell
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
@@ -208,6 +213,20 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
 
 
 @dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch of a training step, on the device: the seed of its dropout, then the forward
+    process's draws. x0: long [B, L]; attention_mask: bool [B, L] or None (no padding); t: float [B];
+    u: float [B, L], the uniforms that mask a token where u < its masking rate (diffusion.mask_positions);
+    class_labels: long [B] or None (an unconditional model)."""
+    seed: int
+    x0: torch.Tensor
+    attention_mask: torch.Tensor | None
+    t: torch.Tensor
+    u: torch.Tensor
+    class_labels: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
 class AtatStep:
     """What --objective atat adds to a training step (atat.py): the importance estimator (DDP-wrapped
     under torchrun), this step's curriculum tilt, and the weight of the estimator's regression loss."""
@@ -219,34 +238,33 @@ class AtatStep:
 def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None):
     """Forward and backward of this process's micro-batches of one optimizer step.
 
-    parts: (seed, x0, attention_mask, t, masked, class_labels) per micro-batch: the seed of its
-    dropout, then diffusion.nelbo's arguments; step_tokens: the real tokens of the whole step, over
-    all micro-batches and processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
+    parts: this process's MicroBatches; step_tokens: the real tokens of the whole step, over all
+    micro-batches and processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
     Gradients are all-reduced once, on the last micro-batch.
 
-    With atat_step, the 5th entry is the forward process's uniforms u (float [B, L]) instead of the
-    masks: the estimator scores x0, atat.mask_with_scores masks from the same u with the step's
-    tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
+    Without atat_step a token is masked where u < move_chance(t) (the plain forward process). With
+    it, the estimator scores x0 and atat.mask_with_scores masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
     unbiased NELBO otherwise, see atat.py), and weight x atat.estimator_loss (per micro-batch,
     averaged over the step's micro-batches) trains the estimator on the detached per-token losses.
     Returns (this process's share of the step's loss, its share of the estimator loss or None):
     float64 scalar tensors (no host sync).
     """
-    device = parts[0][1].device
-    loss, est_loss = torch.zeros((), dtype=torch.float64, device=device), None
+    loss, est_loss = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), None
     n_micro = len(parts) * world
-    for j, (seed, x0, attention_mask, t, masked, labels) in enumerate(parts):
-        torch.manual_seed(seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
+    for j, part in enumerate(parts):
+        x0, attention_mask, t, labels = part.x0, part.attention_mask, part.t, part.class_labels
+        torch.manual_seed(part.seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
         last = world == 1 or j == len(parts) - 1
         with nullcontext() if last else model.no_sync(), \
                 nullcontext() if last or atat_step is None else atat_step.estimator.no_sync():
             if atat_step is None:
+                masked = diffusion.mask_positions(t, attention_mask, u=part.u)
                 nats = diffusion.nelbo(model, x0, t, masked, attention_mask, labels).sum() / step_tokens
                 total = nats
             else:
                 scores = atat_step.estimator(x0, attention_mask)
-                masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, masked)
+                masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, part.u)
                 nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask, labels)
                 nats = diffusion.weighted_sum(nll, masked, atat.token_weights(t, p)).sum() / step_tokens
                 target = atat.difficulty_target(nll.detach(), model.config.vocab_size)
@@ -288,7 +306,7 @@ def save(args, model, ema, opt, step, meta, estimator=None):
                 state[f"adam.{i}.{k}"] = v
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"])}
+    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"]), "seeding": SEEDING}
     atomic_write(out / STATE, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p, metadata))
     save_checkpoint(ema.state_dict(), ema.config, out, {**meta, "step": step})
 
@@ -305,11 +323,13 @@ def resume(args, model, ema, opt, estimator=None) -> int:
         with safe_open(path, "pt") as f:
             meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         saved = json.loads(meta["train_args"])
-        step = int(meta["step"])
+        step, seeding = int(meta["step"]), meta.get("seeding")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable train state ({type(e).__name__}: {e})") from None
     saved = {**ADDED_LATER, **saved}
     unknown = [k for k, v in ADDED_LATER.items() if v is None and saved.get(k) is None]  # an old state did not say
+    if args.objective != "atat":  # the estimator's flags do not touch a plain run
+        unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -329,6 +349,9 @@ def resume(args, model, ema, opt, estimator=None) -> int:
                for i in range(sum(len(group["params"]) for group in opt.param_groups)) if f"adam.{i}.exp_avg" in state}
     # through the optimizer's own loader: it places and casts the moments as its implementation (fused, capturable) needs
     opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
+    if seeding != SEEDING and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {path} was written before diffusion.draw_seed (session 5): it continues with other windows, "
+              "masks and dropout than its first run would have had", file=sys.stderr)
     return step
 
 
@@ -407,7 +430,9 @@ def train(args, stop: list):
     if not val_tokens:
         raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
     lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
-    groups = [{"params": list(model.parameters())}] + ([] if estimator is None else [{"params": list(estimator.parameters())}])
+    # the estimator starts from nothing, also when the DiT is fine-tuned at 2e-5: its peak lr is its own
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}] + \
+        ([] if estimator is None else [{"params": list(estimator.parameters()), "lr_scale": ATAT_ESTIMATOR_LR / args.lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "tokenizer": "gpt2",
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
@@ -418,8 +443,9 @@ def train(args, stop: list):
         ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None,
                                       find_unused_parameters=bool(model.config.adaptive_head))
         ddp.config = model.config  # diffusion.nelbo reads it
+        # its own process group: two DDP modules reducing in one backward must not share a communicator
         est_ddp = None if estimator is None else DistributedDataParallel(
-            estimator, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
+            estimator, device_ids=[torch.cuda.current_device()] if device != "cpu" else None, process_group=dist.new_group())
     else:
         ddp, est_ddp = model, estimator
     n_params = sum(p.numel() for p in model.parameters())
@@ -430,15 +456,15 @@ def train(args, stop: list):
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
-    def validate():
+    def validate():  # its own progress bar only on a terminal: in a log file, the step's line says it all
         n_val_tokens = sum(len(ids) for ids in val_tokens)
         if not n_classes:
             nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                                     progress=rank == 0).sum() / n_val_tokens)
+                                     progress=rank == 0 and sys.stderr.isatty()).sum() / n_val_tokens)
             record = {"val_nats_per_token": nats}
         else:  # every held-out text under every class and under "no class", with the same draws
             n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)), progress=rank == 0)
+                            class_labels=list(range(n_classes + 1)), progress=rank == 0 and sys.stderr.isatty())
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
@@ -480,7 +506,7 @@ def train(args, stop: list):
     while step < args.max_steps:
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * group["lr_scale"]
         plan = [batch_of(step * args.grad_accum + j) for j in range(args.grad_accum)]
         n_tokens = sum(lengths[i] for idx in plan for i in idx)  # the step's real tokens, on every process
         parts = []
@@ -491,16 +517,13 @@ def train(args, stop: list):
             g = torch.Generator().manual_seed(seed)  # windows, t, masks, label dropout
             t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
-            if estimator is None:
-                masked = diffusion.mask_positions(t, attention_mask, g)
-            else:  # the same uniforms mask_positions draws; the tilted masks need the estimator's scores (step_backward)
-                masked = torch.rand(attention_mask.shape, generator=g)
+            u = torch.rand(attention_mask.shape, generator=g)  # masks where u < the masking rate (step_backward)
             attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
             y = None
             if n_classes:
                 y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
-            parts.append((seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
-                          t.to(device), masked.to(device), y))
+            parts.append(MicroBatch(seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
+                                    t.to(device), u.to(device), y))
         atat_step = None
         if estimator is not None:
             tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
@@ -512,13 +535,13 @@ def train(args, stop: list):
         if world > 1:
             dist.all_reduce(agreed)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if estimator is not None:  # clipped apart: the DiT's clipping is the plain objective's
-            torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
+        # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
+        est_norm = zero if estimator is None else torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
         # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-        loss_sum, est_loss, stopping, grad_norm = torch.cat([agreed, grad_norm.double()[None]]).tolist()
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g} at step {step + 1}; "
-                 f"stopped before the update, {intact()}")
+        loss_sum, est_loss, stopping, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
+        if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm))):
+            fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
+                 f"{est_norm:.4g}" if estimator is not None else "") + f" at step {step + 1}; stopped before the update, {intact()}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(ema, model, step, args.ema_decay)
@@ -530,7 +553,7 @@ def train(args, stop: list):
         bar.update(1)
         record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
         if estimator is not None:
-            record.update(tilt=tilt, estimator_loss=est_loss)
+            record.update(tilt=tilt, estimator_loss=est_loss, estimator_grad_norm=est_norm)
         checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())

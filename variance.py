@@ -26,11 +26,12 @@ import numpy as np
 
 import classify
 import data
+from cli import HelpFormatter, run_cli
 from convert_hf import CheckpointError, atomic_write
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="one conditional checkpoint, or one per class in class order")
     p.add_argument("--ckpt0", help="checkpoint of class 0 (then --ckpt1)")
     p.add_argument("--ckpt1", help="checkpoint of class 1")
@@ -38,7 +39,7 @@ def main(argv=None):
     p.add_argument("--limit", type=data.positive(), default=32, help="held-out texts (balanced over classes; default 32)")
     p.add_argument("--ks", default="1,2,4,8,16", help="draw counts K to measure (default 1,2,4,8,16)")
     p.add_argument("--replicates", type=data.positive(), default=2, help="independent K-draw estimates per text (default 2)")
-    p.add_argument("--batch-size", type=data.positive(), default=32, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per forward pass, each with its K draws")
     p.add_argument("--curve", action="store_true", help="accuracy against mean draws per text, fixed K vs sequential")
     p.add_argument("--sequential", default="1:8,2:8,2:16,4:16",
                    help="--curve: sequential settings K:MAX (rounds of K draws up to MAX), comma-separated")
@@ -114,6 +115,10 @@ def curve(args, clf, tokens, labels, ks, sequential) -> None:
     if args.json:
         summary = {"checkpoints": args.ckpt, "n_texts": len(tokens), "estimator": clf.estimator, "z": args.z, "rows": rows}
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+
+
+def main(argv=None):
+    run_cli(run, argv, (CheckpointError, data.DataError))  # one line for bad data, offline, out of memory, Ctrl-C
 
 
 if __name__ == "__main__":

@@ -377,3 +377,16 @@ def test_an_atat_checkpoint_resumes_exactly_and_loads_in_classify_and_eval(imdb,
                           ("eval.py", ["--ckpt", tmp_path / "full"])]:
         result = run_script(script, *extra, "--data", imdb, "--limit", 4, "--mc-samples", 1)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_non_finite_estimator_stops_training_before_the_update(imdb, tmp_path, monkeypatch, capsys, one_thread):
+    """A NaN in the estimator alone (the DiT's loss stays finite) must not pass silently: NaN scores
+    would read as equal scores, i.e. plain masking."""
+    import train
+    real = atat.estimator_loss
+    monkeypatch.setattr(atat, "estimator_loss", lambda *args: real(*args) * float("nan"))
+    with pytest.raises(SystemExit):
+        train.main(atat_train_args(imdb, tmp_path / "o", "--objective", "atat"))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: loss ") and ", estimator loss nan" in message
+    assert "at step 1; stopped before the update" in message and not (tmp_path / "o" / "train_state.safetensors").exists()

@@ -197,7 +197,8 @@ def test_a_step_loss_does_not_depend_on_how_its_texts_are_split_into_micro_batch
         am, mk = torch.zeros(len(rows), L, dtype=torch.bool), torch.zeros(len(rows), L, dtype=torch.bool)
         for j, i in enumerate(rows):
             x0[j, :len(texts[i])], am[j, :len(texts[i])], mk[j, :len(texts[i])] = texts[i], True, masked[i]
-        return (0, x0, am, t[rows], mk, None)
+        # uniforms that mask exactly mk: 0 where masked, 1 (never below a rate) elsewhere
+        return train.MicroBatch(0, x0, am, t[rows], (~mk).float(), None)
 
     results = []
     for split in ([[0, 1, 2, 3]], [[0], [1, 2, 3]], [[0, 2], [1, 3]]):

@@ -82,3 +82,18 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.init_distributed()
     assert capsys.readouterr().err.startswith("error: torchrun started process 1 on a machine with 1 GPU(s): pass --nproc_per_node=1")
+
+
+def test_atat_on_two_processes_follows_one(tree, tmp_path):
+    """--objective atat under torchrun: the estimator is a second DDP module (its own process group)."""
+    atat = ("--objective", "atat", "--lr-schedule", "cosine")
+    one = run_script("train.py", *train_args(tree, tmp_path / "one", "--grad-accum", 2, *atat), env=CPU)
+    assert one.returncode == 0, one.stderr
+    two = torchrun("train.py", *train_args(tree, tmp_path / "two", *atat))
+    assert two.returncode == 0, two.stderr
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    for key in ("loss", "grad_norm", "estimator_loss", "estimator_grad_norm", "tilt", "val_nats_per_token"):
+        a, b = ([r[key] for r in log if key in r] for log in logs)
+        assert len(a) == len(b) > 0 and np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE), (key, a, b)
+    sa, sb = (load_file(tmp_path / run / "train_state.safetensors") for run in ("one", "two"))
+    assert any(k.startswith("estimator.") for k in sa) and max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOLERANCE

@@ -46,7 +46,7 @@ def one_line(capsys) -> str:
 def test_ctrl_c_writes_the_rows_scored_so_far_marked_partial(pair, tmp_path, monkeypatch, capsys):
     classify.main(classify_args(pair, "--json", tmp_path / "whole.json"))
     whole = json.loads((tmp_path / "whole.json").read_text())
-    monkeypatch.setattr(classify, "SLICE", 10)  # 24 texts: slices of 10, 10, 4
+    monkeypatch.setattr(classify, "SLICE_BATCHES", 2)  # x --batch-size 5: 24 texts in slices of 10, 10, 4
     real, calls = classify.DiffusionClassifier.draws, []
 
     def interrupted_in_slice_2(self, *args, **kwargs):
@@ -56,13 +56,18 @@ def test_ctrl_c_writes_the_rows_scored_so_far_marked_partial(pair, tmp_path, mon
         return real(self, *args, **kwargs)
     monkeypatch.setattr(classify.DiffusionClassifier, "draws", interrupted_in_slice_2)
     with pytest.raises(SystemExit) as exit_:
-        classify.main(classify_args(pair, "--json", tmp_path / "part.json"))
+        classify.main(classify_args(pair, "--batch-size", 5, "--json", tmp_path / "part.json"))
     assert exit_.value.code == 130
     assert one_line(capsys).startswith("interrupted after 10 of 24 texts")
     part = json.loads((tmp_path / "part.json").read_text())
-    assert part["partial"] is True and whole["partial"] is False and part["n_texts"] == 10
-    # the rows kept are those of the whole run: same texts, same draws
-    assert part["texts"] == whole["texts"][:10]
+    assert part["partial"] is True and whole["partial"] is False and part["n_texts"] == 10 and part["n_texts_asked"] == 24
+    # the rows kept are those of the whole run (same texts, same draws), in input order, and a fair
+    # sample: the texts come in a seeded random order, not class by class
+    rows = {row["id"]: row for row in whole["texts"]}
+    assert all(row == rows[row["id"]] for row in part["texts"])
+    ids = [row["id"] for row in whole["texts"]]
+    assert sorted(ids.index(row["id"]) for row in part["texts"]) == [ids.index(row["id"]) for row in part["texts"]]
+    assert {row["label"] for row in part["texts"]} == set(data.CLASSES)
     assert sum(map(sum, part["confusion_matrix"])) == 10
 
 
