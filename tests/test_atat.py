@@ -390,3 +390,17 @@ def test_a_non_finite_estimator_stops_training_before_the_update(imdb, tmp_path,
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: loss ") and ", estimator loss nan" in message
     assert "at step 1; stopped before the update" in message and not (tmp_path / "o" / "train_state.safetensors").exists()
+
+
+def test_atat_trains_the_class_conditional_model(tmp_path, one_thread):
+    """--class all --objective atat: the estimator is class-agnostic (it reads x0 only), the DiT gets the labels."""
+    import train
+    from conftest import make_languages
+    path = tmp_path / "langs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in make_languages(20)))
+    train.main(["--class", "all", "--data", str(path), "--init", "scratch", "--preset", "tiny", "--max-steps", "4",
+                "--warmup-steps", "1", "--batch-size", "8", "--eval-every", "4", "--val-reviews", "2",
+                "--objective", "atat", "--out", str(tmp_path / "all")])
+    log = run_log(tmp_path / "all")
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and all(r["estimator_loss"] > 0 for r in log[1:])
+    assert "val_accuracy" in log[-1] and any(k.startswith("estimator.") for k in load_file(tmp_path / "all" / "train_state.safetensors"))
