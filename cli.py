@@ -91,7 +91,7 @@ def run_cli(run, argv, errors: tuple, smaller: str = "--batch-size", interrupted
         fail(f"error: {e}")
     except KeyboardInterrupt:
         fail(interrupted, 130)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0][:160]

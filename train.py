@@ -83,11 +83,11 @@ SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); r
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
               "text_field", "label_field", "label_dropout", "unlabeled", "lr_schedule", "objective", "atat_width",
               "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
-# what a train state written before these flags ran with (None: not known, not compared). adaptive_head
-# and precision are stored resolved (the head built, the autocast dtype used), not as given.
+# what a train state written before these flags ran with (None: not known, not compared; such a
+# state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
+# the autocast dtype used), not as given.
 ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
-               "objective": "mdlm", "atat_width": 64, "atat_layers": 2, "atat_phases": [0.3, 0.7], "atat_tilt": 0.5,
-               "atat_estimator_weight": 1.0}
+               "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
 
 
 def parse_args(argv=None):
@@ -440,12 +440,12 @@ def train(args, stop: list):
     last_saved = step if args.resume else None
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
         # an adaptive head's tail cluster gets no gradient in a micro-batch with no target in it
-        ddp = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None,
-                                      find_unused_parameters=bool(model.config.adaptive_head))
+        device_ids = None if device == "cpu" else [torch.cuda.current_device()]
+        ddp = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=bool(model.config.adaptive_head))
         ddp.config = model.config  # diffusion.nelbo reads it
         # its own process group: two DDP modules reducing in one backward must not share a communicator
-        est_ddp = None if estimator is None else DistributedDataParallel(
-            estimator, device_ids=[torch.cuda.current_device()] if device != "cpu" else None, process_group=dist.new_group())
+        est_ddp = None if estimator is None else DistributedDataParallel(estimator, device_ids=device_ids,
+                                                                         process_group=dist.new_group())
     else:
         ddp, est_ddp = model, estimator
     n_params = sum(p.numel() for p in model.parameters())
@@ -456,15 +456,16 @@ def train(args, stop: list):
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
 
-    def validate():  # its own progress bar only on a terminal: in a log file, the step's line says it all
+    def validate():
         n_val_tokens = sum(len(ids) for ids in val_tokens)
+        show_bar = rank == 0 and sys.stderr.isatty()  # its own progress bar only on a terminal: in a log, the step's line says it all
         if not n_classes:
             nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                                     progress=rank == 0 and sys.stderr.isatty()).sum() / n_val_tokens)
+                                     progress=show_bar).sum() / n_val_tokens)
             record = {"val_nats_per_token": nats}
         else:  # every held-out text under every class and under "no class", with the same draws
             n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)), progress=rank == 0 and sys.stderr.isatty())
+                            class_labels=list(range(n_classes + 1)), progress=show_bar)
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
