@@ -3,6 +3,7 @@
     pip install ".[baselines]"                                       # scikit-learn
     python baselines.py --data aclImdb_v1.tar.gz                     # all 25,000 test reviews
     python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --json baselines.json   # subset C
+    python baselines.py --data aclImdb_v1.tar.gz --tokens bpe        # the same models on GPT-2 tokens
 
 Trained on the 25,000 train reviews, scored on the test split (or its balanced subset, --limit),
 with the settings of shared/data/README.md (fixed beforehand there, never tuned on test):
@@ -13,6 +14,11 @@ one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
 - NB-LR (Wang & Manning 2012, with LR instead of the SVM): binary counts x scaled by the
   log-count ratio r (alpha = 1), LogisticRegression(liblinear, C=1) on x * r.
 - MNB: counts, MultinomialNB(alpha=1) (a generative classifier, like the diffusion one).
+
+--tokens bpe: the same three models over the diffusion model's own tokens (GPT-2 BPE of the
+cleaned text, data.encode: `<br />` -> newline, case kept), each on unigrams and on
+uni+bigrams, so a results table compares like with like: MNB on BPE unigrams is the Bayes rule
+of a per-class unigram model, the plateau an MDLM classifier starts from.
 """
 import argparse
 import json
@@ -52,26 +58,43 @@ class NBScale(TransformerMixin, BaseEstimator):
         return X @ sp.diags(self.r_)
 
 
-def baselines() -> dict:
-    """name -> unfitted scikit-learn pipeline from raw (`<br />`-free) text to label."""
-    ngrams = {"ngram_range": (1, 2), "token_pattern": TOKEN_PATTERN}
-    return {
-        "TF-IDF + LR": make_pipeline(TfidfVectorizer(min_df=2, sublinear_tf=True, **ngrams),
-                                     LogisticRegression(solver="liblinear", C=30)),
-        "NB-LR": make_pipeline(CountVectorizer(binary=True, **ngrams), NBScale(alpha=1.0),
-                               LogisticRegression(solver="liblinear", C=1)),
-        "MNB": make_pipeline(CountVectorizer(**ngrams), MultinomialNB(alpha=1.0)),
-    }
+def baselines(tokens: str = "words") -> dict:
+    """name -> unfitted scikit-learn pipeline from a text to its label. tokens "words": raw
+    (`<br />`-free) text, uni+bigrams of words; "bpe": texts_and_labels' strings of GPT-2 ids, on
+    unigrams and on uni+bigrams (two pipelines per model)."""
+    if tokens == "words":
+        grams = {"": {"ngram_range": (1, 2), "token_pattern": TOKEN_PATTERN}}
+    else:  # one "token" per BPE id, case kept: exactly what the diffusion model reads
+        bpe = {"token_pattern": r"\S+", "lowercase": False}
+        grams = {" (BPE unigrams)": {"ngram_range": (1, 1), **bpe}, " (BPE uni+bigrams)": {"ngram_range": (1, 2), **bpe}}
+    models = {}
+    for suffix, ngrams in grams.items():
+        models.update({
+            "TF-IDF + LR" + suffix: make_pipeline(TfidfVectorizer(min_df=2, sublinear_tf=True, **ngrams),
+                                                  LogisticRegression(solver="liblinear", C=30)),
+            "NB-LR" + suffix: make_pipeline(CountVectorizer(binary=True, **ngrams), NBScale(alpha=1.0),
+                                            LogisticRegression(solver="liblinear", C=1)),
+            "MNB" + suffix: make_pipeline(CountVectorizer(**ngrams), MultinomialNB(alpha=1.0)),
+        })
+    return models
 
 
-def texts_and_labels(reviews: list[data.Review]) -> tuple[list[str], np.ndarray]:
-    return [r.text.replace("<br />", " ") for r in reviews], np.array([r.label for r in reviews])
+def texts_and_labels(reviews: list[data.Review], tokens: str = "words") -> tuple[list[str], np.ndarray]:
+    """The vectorizers' input: raw text with `<br />` as a space, or (tokens "bpe") each text's
+    GPT-2 ids (data.encode) as a string "id id id ...", and the labels int [N]."""
+    if tokens == "bpe":
+        texts = [" ".join(map(str, ids)) for ids in data.encode([r.text for r in reviews])]
+    else:
+        texts = [r.text.replace("<br />", " ") for r in reviews]
+    return texts, np.array([r.label for r in reviews])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
+    p.add_argument("--tokens", choices=["words", "bpe"], default="words",
+                   help="words: the settings above; bpe: GPT-2 tokens (the diffusion model's), unigrams and uni+bigrams")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     try:
@@ -79,27 +102,30 @@ def main():
         test = data.load_imdb("test", args.data)
         if args.limit:
             test = data.balanced_subset(test, args.limit)
+        x_train, y_train = texts_and_labels(train, args.tokens)
+        x_test, y_test = texts_and_labels(test, args.tokens)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    x_train, y_train = texts_and_labels(train)
-    x_test, y_test = texts_and_labels(test)
 
     results, rows = {}, []
-    for name, pipe in baselines().items():
+    for name, pipe in baselines(args.tokens).items():
         start = time.perf_counter()
         pipe.fit(x_train, y_train)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
-        accuracy = float(np.mean(pipe.predict(x_test) == y_test))
+        pred = pipe.predict(x_test)
         predict_s = time.perf_counter() - start
+        accuracy = float(np.mean(pred == y_test))
         features = len(pipe[0].vocabulary_)
-        results[name] = {"accuracy": accuracy, "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
+        cm = np.zeros((2, 2), dtype=int)
+        np.add.at(cm, (y_test, pred), 1)  # rows true, columns predicted
+        results[name] = {"accuracy": accuracy, "confusion_matrix": cm.tolist(), "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
         rows.append({"model": name, "features": f"{features:,}", "test accuracy": f"{100 * accuracy:.2f}%",
                      "fit s": f"{fit_s:.0f}", "test reviews/s": f"{len(x_test) / predict_s:.0f}"})
     print_table(f"trained on {len(x_train):,} train reviews, scored on {len(x_test):,} test reviews"
                 + (f" (balanced subset, --limit {args.limit})" if args.limit else ""), rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"n_train": len(x_train), "n_test": len(x_test), "limit": args.limit,
+        Path(args.json).write_text(json.dumps({"n_train": len(x_train), "n_test": len(x_test), "limit": args.limit, "tokens": args.tokens,
                                                "models": results}, indent=1))
 
 

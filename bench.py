@@ -18,7 +18,10 @@ run: the naive path (fp32, batch of 1, every review padded to 512 tokens, logits
 position, first model) and today's path (the first model's first fast row); for training the first row.
 Variants: bf16 vs fp32 (CUDA only), flash-attn vs SDPA (only if flash_attn imports), length-bucketed
 vs padded batches (padded = batches in input order, padded to their longest review), and
-torch.compile (--compile). --json OUT writes every table.
+torch.compile (--compile). Readouts: one joint model over (label, text) (the last preset and head,
+n_classes = 2), reviews/s of Bayes rule over its two class NELBOs (fixed K = 2, and classify.py's
+sequential default: rounds of 2 up to 8 draws) against the one-pass posterior readout
+(classify.score_posterior), as ratios to the first row. --json OUT writes every table.
 Peak memory: torch.cuda.max_memory_allocated on CUDA (reset before each row); on CPU the process's
 max RSS (getrusage), which only grows during the run. Warm-up runs are not timed.
 """
@@ -370,6 +373,27 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
            f"naive path on the first {n_naive}", rows)
 
 
+def readout_table(cfg: DiTConfig, device, args, tokens, rank, report) -> None:
+    """reviews/s of the two readouts of one joint model (random weights, so sequential scoring rarely
+    stops early: its row is the slow end), each after one untimed warm-up call."""
+    model = bench_model(dataclasses.replace(cfg, n_classes=2), args.seed, rank, device).eval()
+    rows, base = [], None
+    for name, kwargs in [("nelbo, K = 2 fixed", {"readout": "nelbo", "max_draws": 2}),
+                         ("nelbo, sequential 2 up to 8 (classify.py's default)", {"readout": "nelbo"}),
+                         ("posterior, one pass per window", {"readout": "posterior"})]:
+        clf = classify.DiffusionClassifier([model, model], ["neg", "pos"], mc_samples=2, seed=args.seed,
+                                           batch_size=args.batch_size, class_labels=[0, 1], **kwargs)
+        clf.draws(tokens[:2])
+        seconds, draws = timed(lambda i: clf.draws(tokens), device, 0, 1)
+        rate = len(tokens) / seconds
+        base = base or rate
+        rows.append({"variant": name, "reviews/s": f"{rate:.1f}", "draws/review": f"{np.mean(classify.draws_taken(draws)):.2f}",
+                     "vs first row": f"{rate / base:.2f}x"})
+    report(f"readouts of one joint model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{'adaptive head ' + str(cfg.adaptive_head) if cfg.adaptive_head else 'full head'}), {len(tokens)} reviews, "
+           f"{args.batch_size} per forward", rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", nargs="+", choices=PRESETS, help="model sizes (default: small on CUDA, tiny on CPU)")
@@ -440,6 +464,7 @@ def main():
     print(f"MFU denominator: {peak / 1e9:.1f} GFLOP/s" if peak else "no peak FLOP/s known (MFU not shown; pass --peak-tflops)")
     training_table(cfgs, device, args, peak, train_rows, tokens, rank, report)
     classification_table(cfgs, device, args, peak, score_rows, tokens, rank, source, report)
+    readout_table(cfgs[-1][1], device, args, tokens, rank, report)
     if not cuda:
         print("\npeak MiB on CPU: the process's max RSS so far (it never goes down), not the row's own peak")
     if args.json:

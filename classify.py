@@ -1,10 +1,14 @@
-"""Generative classification with MDLMs: Bayes rule over the classes' NELBO bounds.
+"""Classification with MDLMs: the one-pass label posterior of a joint model, or Bayes rule over NELBO bounds.
 
-The scorer of class c gives an upper bound NELBO_c(x) >= -log p(x | c) (diffusion.py): either one
-class-conditional model (train.py --class all) under label c, or one model per class. A text gets
-label argmax_c [log prior_c - NELBO_c(x)] and posteriors softmax_c([log prior_c - NELBO_c(x)] / T)
-(uniform prior; T from temperature scaling, calibration.py, stored in calibration.json by
---calibrate; T = 1 without it). NELBO_c(x) is estimated with K Monte-Carlo draws per text, and the
+Two readouts (--readout). "posterior" (the default for a joint checkpoint, train.py --class all):
+the model over (label, text) reads p(c | text) from its denoiser at the masked label slot with the
+text clean, one forward pass per window (diffusion.label_posterior, score_posterior), no
+Monte-Carlo draws; the score of class c is -log p(c | text). "nelbo" (per-class models, or a joint
+checkpoint with its slot clamped to c): the scorer of class c gives an upper bound
+NELBO_c(x) >= -log p(x | c) (diffusion.py), and a text gets label argmax_c [log prior_c - NELBO_c(x)].
+Either way posteriors are softmax_c(-score_c / T) (uniform prior for the NELBO readout; T from
+temperature scaling, calibration.py, stored in calibration.json by --calibrate; T = 1 without it).
+NELBO_c(x) is estimated with K Monte-Carlo draws per text, and the
 *same* draws for every class (common random numbers), so the noise of the estimate largely
 cancels in the comparison. Two estimators: "time" (default; t ~ U antithetic, weight 1/t:
 diffusion.nelbo, Eq. 11) and "count" (k ~ U{1..n} masked tokens, weight n/k:
@@ -16,13 +20,14 @@ margin is already more than --z standard errors from 0 gets no more.
 From Python (a notebook):
 
     from classify import DiffusionClassifier
-    clf = DiffusionClassifier.from_checkpoints(["ckpt/all"], mc_samples=8)   # or ["ckpt/neg", "ckpt/pos"]
+    clf = DiffusionClassifier.from_checkpoints("ckpt/all")   # or ["ckpt/neg", "ckpt/pos"], one per class
     clf.predict(["What a wonderful film"])   # ['pos']
 
 From the shell:
 
     python classify.py --ckpt ckpt/all --calibrate                 # fit T on held-out validation texts
-    python classify.py --ckpt ckpt/all --limit 1000 --mc-samples 4 --json out.json
+    python classify.py --ckpt ckpt/all --limit 1000 --json out.json            # the posterior readout
+    python classify.py --ckpt ckpt/all --readout nelbo --limit 1000 --mc-samples 4   # Bayes rule over NELBO(text | c)
     python classify.py --ckpt0 ckpt/neg --ckpt1 ckpt/pos --limit 1000   # one model per class
     python classify.py --ckpt ckpt/a --ckpt ckpt/b --ckpt ckpt/c --data my.jsonl     # its held-out test split
     echo "What a wonderful film" | python classify.py --ckpt ckpt/all --input -
@@ -55,6 +60,7 @@ CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C to keep the results so far
 
 
+READOUTS = ("posterior", "nelbo")  # the one-pass label-slot posterior (joint checkpoints), Bayes rule over class NELBOs
 ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
 
 
@@ -119,6 +125,52 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     out = np.zeros((len(token_lists), len(models), k))
     np.add.at(out, owners, per_piece)
     return out
+
+
+@torch.inference_mode()
+def score_posterior(model, token_lists: list[list[int]], batch_size: int, device, log_prior: np.ndarray | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """The one-pass posterior readout of a model with a label slot: log p(c | text), float64 [N, C], nats.
+
+    Each window w of a text (data.windows) gets one forward pass with the label slot masked and its
+    tokens clean, giving log p(c | w) (diffusion.label_posterior). A text of n windows combines them
+    as if the windows were independent given the label (naive Bayes over windows):
+        log p(c | w_1..w_n) = sum_w log p(c | w) - (n - 1) log prior(c) + const,
+    normalised over c (one window: its own posterior). log_prior: float [C], the training labels'
+    log-frequencies (None: uniform, where the correction is a constant). batch_size: windows per
+    forward pass. Under torchrun each rank scores every world-th batch and the results are summed.
+    """
+    C = model.config.n_classes
+    log_prior = np.zeros(C) if log_prior is None else np.asarray(log_prior, dtype=np.float64)
+    pieces, owners = [], []
+    for i, ids in enumerate(token_lists):
+        for piece in data.windows(ids, model.config.model_length):
+            pieces.append(piece)
+            owners.append(i)
+    per_piece = np.zeros((len(pieces), C))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = data.length_batches([len(p) for p in pieces], batch_size)[rank::world]
+    bar = progress_bar(len(batches), "scoring", "batch", disable=not progress or rank > 0, leave=False)
+    for idx in batches:
+        x0, attention_mask = data.collate([pieces[i] for i in idx])
+        attention_mask = None if attention_mask.all() else attention_mask.to(device)  # checked on the CPU: no sync
+        per_piece[idx] = diffusion.label_posterior(model, x0.to(device), attention_mask).double().cpu().numpy()
+        bar.update(1)
+    bar.close()
+    if world > 1:
+        gathered = torch.from_numpy(per_piece).to(device)
+        dist.all_reduce(gathered)
+        per_piece = gathered.cpu().numpy()
+    n_windows = np.bincount(owners, minlength=len(token_lists))
+    out = np.zeros((len(token_lists), C))
+    np.add.at(out, owners, per_piece)
+    out -= (n_windows - 1)[:, None] * log_prior[None]
+    return out - np.logaddexp.reduce(out, axis=1, keepdims=True)
+
+
+def scoring_key(readout: str, estimator: str) -> str:
+    """What a calibration.json's temperature was fitted on: "posterior", or the NELBO estimator's name."""
+    return "posterior" if readout == "posterior" else estimator
 
 
 def most_draws(mc_samples: int, max_draws: int | None) -> int:
@@ -273,7 +325,7 @@ def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draw
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
     if saved.get("estimator") != estimator:
         return 1.0, f"uncalibrated ({path} was fitted with the {saved.get('estimator')} estimator; run classify.py --calibrate)"
-    same = saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
+    same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
     note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
     return temperature, f"T = {temperature:.4g} from {path}{note}"
 
@@ -286,13 +338,18 @@ def check_texts(texts) -> list[str]:
 
 
 class DiffusionClassifier:
-    """A generative classifier from one class-conditional MDLM, or one MDLM per class, for use from Python.
+    """A generative classifier from one joint MDLM over (label, text), or one MDLM per class, for use from Python.
 
-        clf = DiffusionClassifier.from_checkpoints(["ckpt/all"], device="cuda", mc_samples=8)  # or one per class
+        clf = DiffusionClassifier.from_checkpoints("ckpt/all")   # or ["ckpt/neg", "ckpt/pos"], one per class
         clf.classes                 # ['neg', 'pos']
         clf.predict(texts)          # list of N class names
-        clf.predict_proba(texts)    # float64 [N, C], rows sum to 1: softmax(-NELBO / T)
-        clf.nelbo(texts)            # float64 [N, C], nats
+        clf.predict_proba(texts)    # float64 [N, C], rows sum to 1: softmax(-score / T)
+        clf.nelbo(texts)            # float64 [N, C], nats: the score (readout "nelbo": NELBO_c(text))
+
+    Two readouts. "posterior" (the default for a joint checkpoint): one forward pass per window,
+    the label slot masked, score_c = -log p(c | text) (score_posterior); no Monte-Carlo draws.
+    "nelbo" (per-class models; a joint checkpoint with readout="nelbo"): Bayes rule over the class
+    NELBOs, score_c = NELBO_c(text) (the slot clamped to c), estimated by sequential Monte-Carlo draws.
 
     texts: a list of N strings, each with at least one token (cleaned and encoded as in training;
     any length: long texts are scored window by window, see score_draws). Results are
@@ -303,13 +360,19 @@ class DiffusionClassifier:
 
     def __init__(self, models: list, classes: list[str], mc_samples: int = 2, seed: int = 0, batch_size: int = 16,
                  class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
-                 max_draws: int | None = None, z: float = 2.0):
+                 max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo", log_prior=None):
         """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
         C times with class_labels 0..C-1); classes: their names. Sequential scoring (score_sequential):
         rounds of mc_samples = K draws, up to max_draws (default 4 K; = K for fixed-K scoring) per
         text, a text stopping once its margin exceeds z standard errors; batch_size: texts
         (windows) per forward pass, each with its mc_samples draws; estimator: "time" or "count" (score_draws).
-        Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an unknown estimator."""
+        readout: "nelbo" or "posterior" (needs a model with a label slot; log_prior: float [C], the
+        training labels' log-frequencies, for texts of several windows, or None: uniform).
+        Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an
+        unknown estimator or readout (or "posterior" for a model without a label slot)."""
+        if readout not in READOUTS or (readout == "posterior" and not models[0].config.n_classes):
+            raise ValueError(f"readout {readout!r}: expected one of {', '.join(READOUTS)} (posterior needs a joint "
+                             "model over (label, text), train.py --class all)")
         if mc_samples < 1 or batch_size < 1 or not temperature > 0 or (max_draws or mc_samples) % mc_samples or not z > 0:
             raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
                              f"multiple of mc_samples, z {z} and temperature {temperature} > 0")
@@ -318,44 +381,57 @@ class DiffusionClassifier:
         self.models, self.classes, self.class_labels = models, list(classes), class_labels
         self.mc_samples, self.seed, self.batch_size, self.z = mc_samples, seed, batch_size, z
         self.max_draws = max_draws  # None: 4 x mc_samples, resolved when scoring (mc_samples may be changed later)
-        self.estimator, self.temperature = estimator, temperature
+        self.estimator, self.temperature, self.readout, self.log_prior = estimator, temperature, readout, log_prior
         self.temperature_source = f"T = {temperature:.4g} (given)"  # from_checkpoints: where T was read
         self.device = next(models[0].parameters()).device
 
     @classmethod
-    def from_checkpoints(cls, paths: list[str], device=None, mc_samples: int = 2, seed: int = 0,
+    def from_checkpoints(cls, paths: list[str] | str, device=None, mc_samples: int = 2, seed: int = 0,
                          batch_size: int = 16, estimator: str = "time", max_draws: int | None = None,
-                         z: float = 2.0, precision: str = "auto") -> "DiffusionClassifier":
+                         z: float = 2.0, precision: str = "auto", readout: str | None = None) -> "DiffusionClassifier":
         """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
         calibration.json, at `precision` (model.set_runtime). Raises CheckpointError / DataError as
         load_class_models, CheckpointError for the count estimator on a time-conditioned model, and
-        ValueError for a precision this device cannot run."""
+        ValueError for a precision this device cannot run. paths: a list, or one folder as a string.
+        readout: None = "posterior" for a joint checkpoint, "nelbo" for per-class models."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         models, classes, class_labels = load_class_models(paths, device, precision)
+        joint = bool(models[0].config.n_classes)
+        readout = readout or ("posterior" if joint else "nelbo")
+        if readout == "posterior" and not joint:
+            raise CheckpointError(f"{paths[0]}: per-class models have no label slot; the posterior readout needs one "
+                                  "joint checkpoint (train.py --class all); pass --readout nelbo")
+        prior = read_config(Path(paths[0]))[1].get("class_prior")
+        log_prior = None if prior is None else np.log(np.asarray(prior, dtype=np.float64))
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        temperature, source = read_temperature(paths, estimator, mc_samples, max_draws)
-        clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z)
+        temperature, source = read_temperature(paths, scoring_key(readout, estimator), mc_samples, max_draws)
+        clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z,
+                  readout, log_prior)
         clf.temperature_source = source
         return clf
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
-        """NELBO_c(text) in nats (upper bound on -log p(text | c)): float64 [N, C].
+        """The score of every class in nats, float64 [N, C], lower = more probable: NELBO_c(text) (an
+        upper bound on -log p(text | c)) for readout "nelbo", -log p(c | text) for "posterior".
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
         return self.score(data.encode(check_texts(texts)))
 
     def draws(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
         after a text's last draw (score_sequential, whose `index` lets texts be scored in slices;
-        fixed K when max_draws = mc_samples)."""
+        fixed K when max_draws = mc_samples). Readout "posterior": [N, C, 1], -log p(c | text)."""
+        if self.readout == "posterior":
+            return -score_posterior(self.models[0], token_lists, self.batch_size, self.device, self.log_prior, progress)[:, :, None]
         return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
                                 self.batch_size, self.device, self.class_labels, self.estimator, progress, index)
 
     def most_draws(self) -> int:
-        """The most draws a text can get (module function most_draws)."""
-        return most_draws(self.mc_samples, self.max_draws)
+        """The most draws a text can get (module function most_draws; 1 for the posterior readout)."""
+        return 1 if self.readout == "posterior" else most_draws(self.mc_samples, self.max_draws)
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
         """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
@@ -439,7 +515,7 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
         raise data.DataError(f"--calibrate: {e}") from None
     before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
     record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
-              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": clf.estimator,
+              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": scoring_key(clf.readout, clf.estimator),
               "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
     for p in paths:
         atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(record, indent=1) + "\n"))
@@ -459,6 +535,9 @@ def run(argv=None):
                    "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
     p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
                    "exceeds z standard errors")
+    p.add_argument("--readout", choices=READOUTS, help="posterior: one forward pass per window, p(label | text) at the "
+                   "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
+                   "(per-class models' only readout)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the posterior temperature on the training data's held-out validation texts, store it "
                         "with the checkpoints (calibration.json) and exit; later runs use it")
@@ -473,7 +552,7 @@ def run(argv=None):
         p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
     try:
         clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
-                                                   args.max_draws, args.z, args.precision)
+                                                   args.max_draws, args.z, args.precision, args.readout)
     except PrecisionError as e:
         p.error(f"argument --precision: {e}")
     if args.calibrate:
@@ -524,7 +603,7 @@ def run(argv=None):
 
     summary = {"partial": partial, "n_texts": len(texts), "n_texts_asked": total, "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
                "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
-               "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
+               "readout": clf.readout, "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
                "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len}
     if labels is None:
@@ -541,13 +620,16 @@ def run(argv=None):
         summary["calibration"] = {"uncalibrated": calibration.summary(-nelbo, labels, 1.0),
                                   "calibrated": calibration.summary(-nelbo, labels, temperature)}
         # mean NELBO (nats/token) under each class on each true class: the evidence behind the confusion matrix
-        summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
-                                                for m in range(len(names))} for c in np.unique(labels)}
+        if clf.readout == "nelbo":
+            summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
+                                                    for m in range(len(names))} for c in np.unique(labels)}
         low, high = summary["accuracy_ci95"]
-        draws_note = f"K={args.mc_samples}" if clf.most_draws() == args.mc_samples else \
-            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.most_draws()}, z={args.z:g})"
+        draws_note = f"K={args.mc_samples} ({args.estimator})" if clf.most_draws() == args.mc_samples else \
+            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.most_draws()}, z={args.z:g}) ({args.estimator})"
+        if clf.readout == "posterior":
+            draws_note = "posterior readout (one pass per window)"
         scope = f"{len(texts)} texts" + (f" (PARTIAL: a random {len(texts)} of {total})" if partial else "")
-        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} ({source}), {draws_note} ({args.estimator}), "
+        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} ({source}), {draws_note}, "
               f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
               f"{max_len} tokens scored in windows")
         print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
@@ -555,14 +637,15 @@ def run(argv=None):
             print(f"  {names[c]:>8} " + " ".join(f"{v:6d}" for v in row))
         for c, d in summary["per_class"].items():
             print(f"  {c}: precision {d['precision']:.4f} recall {d['recall']:.4f}")
-        for c, row in summary["nats_per_token"].items():
+        for c, row in summary.get("nats_per_token", {}).items():
             print(f"  true {c}: nats/token under " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
         cal = summary["calibration"]
         print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
               f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; {temperature_source}")
     if args.json:
         summary["texts"] = [{"id": ids[i], "text": texts[i], "label": None if labels is None else names[labels[i]],
-                             "pred": names[pred[i]], "posterior": post[i].round(6).tolist(), "nelbo": nelbo[i].round(4).tolist(),
+                             "pred": names[pred[i]], "posterior": post[i].round(6).tolist(),
+                             ("nelbo" if clf.readout == "nelbo" else "neg_log_posterior"): nelbo[i].round(4).tolist(),
                              "margin": round(float(margin[i]), 4),
                              "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
                              "draws": int(n_draws[i]), "n_tokens": len(tokens[i])} for i in range(len(texts))]

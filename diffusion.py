@@ -13,8 +13,13 @@ NELBO (§3.3, Eq. 10-11) is a weighted masked-language-modelling loss:
 which upper-bounds -log p_theta(x0). With the loglinear schedule the weight is exactly 1/t.
 Padding is never masked, never scored, and (model.py) never attended to.
 
+The label as a token (model.py, n_classes = C): a model over (label, text) has a label slot in
+front of every sequence, noised like any token, so its NELBO (joint_nelbo) bounds
+-log p(label, text); clamping the slot to c bounds -log p(text | c) (nelbo with class_labels), and
+the denoiser at a masked slot with the text clean is p(label | text) in one pass (label_posterior).
+
 Read top to bottom: the noise schedule, the forward process (draws of t and x_t), the SUBS
-parameterisation, the NELBO. The reverse process (ancestral sampling) is in sample.py.
+parameterisation, the NELBO, the label slot. The reverse process (ancestral sampling) is in sample.py.
 """
 import numpy as np
 import torch
@@ -152,7 +157,9 @@ def nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor,
 
     x0: long [B, L] clean tokens; t: float [B]; masked: bool [B, L] positions replaced by the mask
     token (must be False at padding); attention_mask: bool [B, L] or None (all real);
-    class_labels: long [B] or None, passed to a class-conditional model (model.DiT).
+    class_labels: long [B] or None, what the label slot of a model with one holds (model.DiT): a label
+    clamps it (never masked, so it adds nothing: the NELBO of the text given the label), n_classes or
+    None keeps it masked and unscored (the NELBO of the text alone, the label unknown).
     Returns float32 [B]: sum over masked positions of loss_weight(t) * -log p_theta(x0_i | x_t).
     Unmasked positions contribute exactly 0 under SUBS, so logits are computed only where masked.
     Divide by the number of real tokens for nats/token.
@@ -202,3 +209,54 @@ def weighted_sum(nll: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) 
     A plain row sum, deterministic on every device (index_add_ would use atomics on CUDA); a row
     with nothing masked gives 0, whatever its weight."""
     return torch.where(masked, nll * weight, 0.0).sum(1)
+
+
+# ---- the label slot (model.py, n_classes = C) -------------------------------------------------
+def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor, slot_masked: torch.Tensor, disc: bool = False):
+    """NELBO of (label, text) per sequence, one draw of (t, x_t), in nats: Eq. 11 over L + 1 positions.
+
+    The label slot is one more token of x0, masked with the same move_chance(t) as the text
+    (slot_masked, bool [B], drawn by the caller) and scored like one: the term
+    loss_weight(t) * -log p_theta(label | x_t) where it is masked. labels: long [B], 0..C-1, or C for
+    an unlabeled text, whose slot is always masked and never scored (it then trains p(text) with
+    the label marginalised out). Other arguments as nelbo. Returns float32 [B] (text + slot terms);
+    with disc=True also (see train.step_backward) float32 [B, C], log p_theta(c | x0) at a masked
+    slot with the text clean (label_posterior), from the same forward pass: the B clean copies
+    ride along as B more rows, so the model is called once (as DDP needs). The upper bound is on
+    -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one.
+    """
+    C = model.config.n_classes
+    scored = slot_masked & (labels < C)
+    slot = torch.where(slot_masked | (labels >= C), C, labels)
+    mask_index = model.config.vocab_size - 1
+    xt, sigma_in = torch.where(masked, mask_index, x0), model_sigma(model, t)
+    if disc:  # the readout's input: the clean text under a masked slot, no text position scored
+        xt, slot = torch.cat([xt, x0]), torch.cat([slot, torch.full_like(slot, C)])
+        sigma_in = torch.cat([sigma_in, model_sigma(model, torch.zeros_like(t))])
+        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+        output_mask = torch.cat([masked, torch.zeros_like(masked)])
+    else:
+        output_mask = masked
+    log_p, label_log_p = model(xt, sigma_in, attention_mask, output_mask=output_mask, class_labels=slot,
+                               targets=x0[masked], label_out=True)
+    nll = torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
+    weight = loss_weight(t)
+    B = len(x0)
+    slot_nll = -label_log_p[:B].gather(1, labels.clamp(max=C - 1)[:, None])[:, 0]
+    total = weighted_sum(nll, masked, weight[:, None]) + torch.where(scored, weight * slot_nll, 0.0)
+    return (total, label_log_p[B:]) if disc else total
+
+
+def label_posterior(model, x0: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_theta(c | text) for every label c, from one forward pass: float32 [B, C], rows logsumexp to 0.
+
+    The slot is masked and the text x0 (long [B, L]) clean. In absorbing diffusion the denoiser at a
+    masked position given the unmasked ones is the model's conditional of that token given them
+    (Sahoo et al. 2024 §3.2: under SUBS x_theta(x_t) estimates E[x0 | x_t], a distribution over the
+    clean token; Ou et al. 2024, "Your absorbing discrete diffusion secretly models the conditional
+    distributions of clean data", Thm. 1), so here it reads p(label | text) directly: no
+    Monte-Carlo draws. attention_mask: bool [B, L] or None (no padding)."""
+    empty = torch.zeros_like(x0, dtype=torch.bool)
+    sigma_in = model_sigma(model, torch.zeros(len(x0), device=x0.device))
+    return model(x0, sigma_in, attention_mask, output_mask=empty, targets=x0[empty], label_out=True)[1]

@@ -3,8 +3,8 @@
 The NELBO upper-bounds -log p_theta(x) (diffusion.py, §3.3), so exp(NELBO / tokens) is an upper
 bound on the perplexity. Each text's NELBO is estimated with K draws by classify.score_texts
 (--estimator time, the default: t antithetic, weight 1/t; or count: k ~ U{1..n} masked tokens
-weighted n/k); every checkpoint sees the same draws (common random numbers). A class-conditional
-checkpoint is scored under "no class", i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
+weighted n/k); every checkpoint sees the same draws (common random numbers). A joint checkpoint
+(train.py --class all) is scored with its label slot masked, i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
 the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
 
 On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data) each

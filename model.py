@@ -6,16 +6,18 @@ App. B; the DiT of Peebles & Xie 2023 with adaLN conditioning and rotary embeddi
 `backbone.` prefix. Read top to bottom: config, time embedding, rotary, attention, block, final
 layer, model.
 
-Class conditioning (n_classes = C > 0) is the DiT's (Peebles & Xie 2023, §3.2 "adaLN"): a learned
-embedding of the class label, one row per class plus a last row for "no class", is added to the
-time embedding before the SiLU that makes the adaLN input c. c reaches the network only through
-the adaLN modulations, which start at zero (adaLN-Zero), so at initialisation the output does not
-depend on the class whatever the table holds. A fresh table is drawn from N(0, 1): the class then
-has a first-order path into the modulations from the first step (with a zero table it must wait
-for the modulations to grow; on the 3-language toy set, 40 steps reached accuracy 1.0 against
-0.6). A model made conditional on top of a loaded checkpoint, whose modulations are not zero,
-gets a zero table instead (train.init_model), so it computes exactly the loaded function for
-every class until training moves it.
+The label as a token (n_classes = C > 0): a joint MDLM over (label, text). Every sequence (every
+window of a long text) gets one extra position in front of its text, the label slot, holding one
+of C label tokens or the masked label. The slot has its own embedding table (`label_embed`, C + 1
+rows, the last the masked state) and its own output head (`label_head`, a C-way softmax), so the
+text vocabulary, its embedding and its head stay exactly the Hugging Face layout: text positions
+never predict a label, and the slot predicts only labels (SUBS's restriction of each position to
+what it can hold, Sahoo et al. 2024 §3.2.1). The slot is context like any token (it is attended to
+and attends), so a label changes p(text) through attention from the first layer, unlike the adaLN
+class table it replaces (README "Results": that table learned the class slowly). Its rotary
+position is 0 and the text's are 1..L; rotary scores depend on differences only, so the text's
+relative geometry is that of the model without a slot. The label head starts at zero: a fresh
+slot predicts the uniform distribution over the C labels.
 """
 import math
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ class DiTConfig:
     n_heads: int = 12
     dropout: float = 0.1
     time_conditioning: bool = False  # False: the model is always given sigma = 0 (see diffusion.py)
-    n_classes: int = 0               # > 0: class-conditional (a C + 1 row class table); 0: the Hugging Face layout
+    n_classes: int = 0               # C > 0: a label slot before the text (C label tokens + a masked label); 0: the Hugging Face layout
     adaptive_head: int = 0           # S > 0: adaptive-softmax output head, S most frequent tokens in its head; 0: a full Linear (HF)
 
 
@@ -281,63 +283,78 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.hidden_dim // cfg.n_heads)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = FinalLayer(cfg)
-        if cfg.n_classes:  # row n_classes = "no class": p(x) from the same weights as p(x | c)
-            self.class_embed = nn.Embedding(cfg.n_classes + 1, cfg.cond_dim)  # N(0, 1), see the module docstring
+        if cfg.n_classes:  # the label slot: C labels + the masked label (row n_classes), and a C-way head
+            self.label_embed = nn.Embedding(cfg.n_classes + 1, cfg.hidden_dim)
+            nn.init.kaiming_uniform_(self.label_embed.weight, a=math.sqrt(5))  # the scale of the text embedding
+            self.label_head = nn.Linear(cfg.hidden_dim, cfg.n_classes)
         self.precision, self.varlen_kernel = "fp32", None  # set_runtime chooses them for a device
         # adaLN-Zero initialisation (Peebles & Xie 2023): every block starts as the identity
         # (of the adaptive head only its head layer: a zero tail would get no gradient, a product of two zeros)
         head = self.output_layer.adaptive.head if cfg.adaptive_head else self.output_layer.linear
-        for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, head]:
+        label_head = [self.label_head] if cfg.n_classes else []  # uniform over the labels at the start
+        for m in [b.adaLN_modulation for b in self.blocks] + [self.output_layer.adaLN_modulation, head] + label_head:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, output_mask: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits (no SUBS), or the SUBS log-probabilities of given tokens.
+                class_labels: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                label_out: bool = False):
+        """Raw logits (no SUBS), or the SUBS log-probabilities of given tokens; and the label slot's.
 
-        input_ids: LongTensor [B, L], L <= model_length. sigma: FloatTensor [B], the noise level
-        (diffusion.py passes zeros when time_conditioning is False). attention_mask: BoolTensor [B, L],
-        True at real tokens; padding is never attended to, so outputs at real positions equal those
-        of each sequence run alone. Pass None when there is no padding: SDPA then takes its fastest
-        kernel and the varlen path gathers nothing (the forward does not check, which would cost a
-        device-to-host sync). output_mask: BoolTensor [B, L] or None; when given, logits are
-        computed only where it is True (the NELBO needs only masked positions). class_labels:
-        LongTensor [B] in 0..n_classes (n_classes = "no class"), or None = "no class" for every row;
-        must be None for an unconditional model (n_classes = 0). Raises ValueError otherwise.
+        input_ids: LongTensor [B, L], the text (a window of it), L <= model_length. sigma: FloatTensor
+        [B], the noise level (diffusion.py passes zeros when time_conditioning is False).
+        attention_mask: BoolTensor [B, L], True at real tokens; padding is never attended to, so
+        outputs at real positions equal those of each sequence run alone. Pass None when there is
+        no padding: SDPA then takes its fastest kernel and the varlen path gathers nothing (the
+        forward does not check, which would cost a device-to-host sync). output_mask: BoolTensor
+        [B, L] or None; when given, logits are computed only where it is True (the NELBO needs only
+        masked positions; all False: none). class_labels: LongTensor [B], what the label slot holds:
+        a label 0..n_classes-1, or n_classes = the masked label; None = masked for every row; must
+        be None for a model without a slot (n_classes = 0). Raises ValueError otherwise.
         Returns float32 logits [B, L, vocab_size], or [N, vocab_size] for the N selected positions.
         targets: LongTensor [N] (needs output_mask), the clean tokens x0 at the N selected positions:
         then returns float32 [N], log p_theta(x0_i | x_t) under SUBS (Sahoo et al. 2024, Eq. 8: the
         softmax over the vocab_size - 1 real tokens), without ever building [N, vocab_size] log-probabilities.
+        label_out=True (needs n_classes > 0): returns (that, label_log_probs), the latter float32
+        [B, n_classes], log p_theta(label | x_t) at the slot: a log-softmax over the C labels only
+        (meaningful where the slot is masked; SUBS carries an unmasked slot over).
         The blocks and output layer run under autocast to self.precision (set_runtime; fp32 = off).
         """
         if attention_mask is not None:
             assert attention_mask.dtype == torch.bool, f"attention_mask must be bool (True at real tokens), got {attention_mask.dtype}"
         if targets is not None and output_mask is None:
             raise ValueError("targets need output_mask: the positions they are the clean tokens of")
-        packing = unpad(attention_mask, *input_ids.shape, input_ids.device) if self.varlen_kernel is not None else None
+        C = self.config.n_classes
+        if not C and (class_labels is not None or label_out):
+            raise ValueError("class_labels / label_out given to a model without a label slot (n_classes = 0)")
         x = self.vocab_embed(input_ids)
-        c = self.sigma_map(sigma)
-        if self.config.n_classes:
+        if C:  # the label slot, position 0 of every sequence
             if class_labels is None:
-                class_labels = torch.full_like(input_ids[:, 0], self.config.n_classes)
-            c = c + self.class_embed(class_labels)  # DiT: c = t_emb + y_emb, then SiLU
-        elif class_labels is not None:
-            raise ValueError("class_labels given to an unconditional model (n_classes = 0)")
-        c = F.silu(c)
-        cos, sin = self.rotary_emb(input_ids.shape[1])
+                class_labels = torch.full_like(input_ids[:, 0], C)
+            x = torch.cat([self.label_embed(class_labels)[:, None].to(x.dtype), x], 1)
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (1, 0), value=True)
+        packing = unpad(attention_mask, *x.shape[:2], input_ids.device) if self.varlen_kernel is not None else None
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(x.shape[1])
         dtype = PRECISIONS[self.precision]
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             for block in self.blocks:
                 x = block(x, c, cos, sin, attention_mask, packing, self.varlen_kernel)
+            if C:
+                slot, x = x[:, 0], x[:, 1:]
             if output_mask is None:
-                logits = self.output_layer(x, c[:, None])
+                out = self.output_layer(x, c[:, None]).float()
             else:
-                x, c = x[output_mask], c[:, None].expand(-1, x.shape[1], -1)[output_mask]
+                x, cm = x[output_mask], c[:, None].expand(-1, x.shape[1], -1)[output_mask]
                 if targets is None:
-                    logits = self.output_layer(x, c)
+                    out = self.output_layer(x, cm).float()
                 elif len(targets) != len(x):
                     raise ValueError(f"targets: {len(targets)} tokens for {len(x)} selected positions")
                 else:
-                    return self.output_layer.target_log_prob(x, c, targets)
-        return logits.float()
+                    out = self.output_layer.target_log_prob(x, cm, targets)
+            if not label_out:
+                return out
+            label_logits = self.label_head(self.output_layer.features(slot, c))
+        return out, label_logits.float().log_softmax(-1)

@@ -5,20 +5,23 @@
     python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
     python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
 
---class all trains one class-conditional DiT (model.py, n_classes = C) on every text: a labeled
-text under its class, an unlabeled one (IMDB's 50,000 `unsup` reviews; JSONL/CSV rows with an
-empty label) under "no class", and, with probability --label-dropout, a labeled text under "no
-class" too, so the same model gives p(x | c) and p(x). A model loaded with --init gets a zeroed
-class table, so training starts from exactly the loaded function. Its validation reports the
-NELBO of each class under its own label, under "no class", and the accuracy of classifying the
-held-out texts (classify.py's default estimator, K = 2).
+--class all trains one joint MDLM over (label, text) (model.py, n_classes = C: a label slot in
+front of every sequence). A labeled text's slot holds its label and is masked with the text's
+move_chance(t), like any token, so the model learns p(label | text) at a masked slot, p(text |
+label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
+`unsup` reviews; JSONL/CSV rows with an empty label) keeps its slot masked and never scores it.
+--disc-weight λ adds the cross-entropy of the true label under the one-pass posterior readout
+(step_backward has the formula). A model loaded with --init gets a fresh slot (its text weights
+as loaded). Its validation reports the text's NELBO under its own label and with the label
+unknown, and the accuracy of both readouts (classify.py: the posterior, and Bayes rule over the
+class NELBOs at K = 2).
 
 The model trains on the 'train' split (data.load_dataset; a dataset without splits holds out
 its test split first) less a validation set: 5% of each class, seed 0, the same for every run.
 A text longer than model_length contributes a random window of model_length tokens each time it
 is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the same windows.
 
-Objective: the continuous-time NELBO of diffusion.py, in nats per real token of the whole
+Objective: the continuous-time NELBO of diffusion.py (--class all: of (label, text), joint_nelbo), in nats per real token of the whole
 optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
 step's real tokens, so a token weighs the same in a short text as in a long one), with
 antithetic t over each micro-batch; or (--objective atat) MDLM-ATAT's importance-tilted masking
@@ -67,7 +70,7 @@ from torch.nn.parallel import DistributedDataParallel
 import atat
 import data
 import diffusion
-from classify import score_texts
+from classify import score_posterior, score_texts
 from cli import HelpFormatter, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
@@ -81,12 +84,12 @@ SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); r
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "label_dropout", "unlabeled", "lr_schedule", "objective", "atat_width",
+              "text_field", "label_field", "disc_weight", "unlabeled", "lr_schedule", "objective", "atat_width",
               "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared; such a
 # state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
 # the autocast dtype used), not as given.
-ADDED_LATER = {"label_dropout": 0.1, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
+ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
                "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
 
 
@@ -124,10 +127,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
                         "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
-    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction, default=True,
-                   help="--class all: also train on the unlabeled texts (IMDB's unsup split), under 'no class'")
-    p.add_argument("--label-dropout", type=float, default=0.1,
-                   help="--class all: chance that a labeled text trains under 'no class' (p(x) from the same model)")
+    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction, default=False,
+                   help="--class all: also train on the unlabeled texts (IMDB's unsup split), their label slot masked "
+                        "(off by default: at the measured budgets they cost labeled steps and accuracy, docs/label_token.md)")
+    p.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
+                   help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
+                        "to the NELBO (0: purely generative)")
     p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
     p.add_argument("--val-reviews", type=data.positive(), default=64,
                    help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
@@ -146,8 +151,10 @@ def parse_args(argv=None):
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
-    if not 0 <= args.label_dropout < 1:
-        p.error(f"argument --label-dropout: must be in [0, 1), got {args.label_dropout}")
+    if not args.disc_weight >= 0:
+        p.error(f"argument --disc-weight: must be >= 0, got {args.disc_weight}")
+    if args.objective == "atat" and args.cls == "all":
+        p.error("argument --objective atat: applies to one model per class (--class N); --class all trains the NELBO of (label, text)")
     if not 0 <= args.atat_phases[0] <= args.atat_phases[1] <= 1:
         p.error(f"argument --atat-phases: expected 0 <= EASY_END <= HARD_START <= 1, got {args.atat_phases}")
     if not 0 <= args.atat_tilt < 1:  # at 1 a row's extreme token would never be masked (weight 1/p unbounded)
@@ -187,8 +194,8 @@ def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
 
 def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     """The starting weights: a fresh preset, or a loaded checkpoint. n_classes > 0 (--class all): a
-    class-conditional model; an unconditional checkpoint gets a zero class table, so it starts as
-    exactly the loaded function for every class (a fresh model's table is random: model.py).
+    joint model over (label, text); an unconditional checkpoint keeps every loaded tensor and gets a
+    fresh label slot (model.py: its embedding drawn, its head zero, so it starts uniform over labels).
     A fresh adaptive head ranks the tokens by their frequency in `tokens` (the training texts).
     Raises CheckpointError for a conditional checkpoint with another number of classes (or any,
     for a class model)."""
@@ -207,8 +214,8 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
         want = f"the data has {n_classes}" if n_classes else "a class model (--class N) is unconditional"
         raise CheckpointError(f"--init {args.init}: conditional on {model.config.n_classes} classes, but {want}")
     conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
-    state = {**model.state_dict(), "class_embed.weight": torch.zeros_like(conditional.class_embed.weight)}
-    conditional.load_state_dict(state, strict=True)  # every loaded tensor, plus a zero class table
+    fresh = {k: v for k, v in conditional.state_dict().items() if k.startswith("label_")}
+    conditional.load_state_dict({**model.state_dict(), **fresh}, strict=True)  # every loaded tensor, plus the slot
     return conditional.eval()
 
 
@@ -217,13 +224,15 @@ class MicroBatch:
     """One micro-batch of a training step, on the device: the seed of its dropout, then the forward
     process's draws. x0: long [B, L]; attention_mask: bool [B, L] or None (no padding); t: float [B];
     u: float [B, L], the uniforms that mask a token where u < its masking rate (diffusion.mask_positions);
-    class_labels: long [B] or None (an unconditional model)."""
+    labels: long [B] (0..C-1, C = unlabeled) or None (a model without a label slot); slot_u: float [B],
+    the label slot's uniform (masked where slot_u < move_chance(t)), or None."""
     seed: int
     x0: torch.Tensor
     attention_mask: torch.Tensor | None
     t: torch.Tensor
     u: torch.Tensor
-    class_labels: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    slot_u: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -235,7 +244,8 @@ class AtatStep:
     weight: float
 
 
-def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None):
+def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None,
+                  disc_weight: float = 0.0, step_labeled: int = 0):
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: this process's MicroBatches; step_tokens: the real tokens of the whole step, over all
@@ -243,29 +253,55 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
     Gradients are all-reduced once, on the last micro-batch.
 
+    A model with a label slot (parts carry labels) trains the hybrid objective
+
+        L = sum_i NELBO(y_i, x_i) / step_tokens  +  λ * sum_{i labeled} -log p_theta(y_i | x_i) / step_labeled
+
+    (λ = disc_weight; step_labeled: the step's labeled texts): the NELBO of (label, text)
+    (diffusion.joint_nelbo, an upper bound on -log p(y, x) per text, in nats per token) plus λ times
+    the mean cross-entropy of the true label under the posterior readout (a masked slot, the text
+    clean: exactly what classify.py reads, diffusion.label_posterior). The first term alone is a
+    maximum-likelihood fit of the joint p(y, x); the second is the conditional likelihood of the
+    labels, the discriminative objective (a hybrid generative-discriminative fit, e.g. Bouchard &
+    Triggs 2004, Lasserre et al. 2006). λ = 0 skips the clean pass entirely (the purely generative step).
+    The returned loss is the first term (what validation compares across λ); disc is the second,
+    unweighted (a float64 tensor, or None without a slot or at λ = 0).
+
     Without atat_step a token is masked where u < move_chance(t) (the plain forward process). With
     it, the estimator scores x0 and atat.mask_with_scores masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
     unbiased NELBO otherwise, see atat.py), and weight x atat.estimator_loss (per micro-batch,
     averaged over the step's micro-batches) trains the estimator on the detached per-token losses.
-    Returns (this process's share of the step's loss, its share of the estimator loss or None):
-    float64 scalar tensors (no host sync).
+    Returns (this process's share of the step's loss, its share of the estimator loss or None, its
+    share of the discriminative loss or None): float64 scalar tensors (no host sync).
     """
-    loss, est_loss = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), None
+    loss, est_loss, disc_loss = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), None, None
     n_micro = len(parts) * world
     for j, part in enumerate(parts):
-        x0, attention_mask, t, labels = part.x0, part.attention_mask, part.t, part.class_labels
+        x0, attention_mask, t, labels = part.x0, part.attention_mask, part.t, part.labels
         torch.manual_seed(part.seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
         last = world == 1 or j == len(parts) - 1
         with nullcontext() if last else model.no_sync(), \
                 nullcontext() if last or atat_step is None else atat_step.estimator.no_sync():
-            if atat_step is None:
+            if labels is not None:  # the label slot: the NELBO of (label, text), and the readout's cross-entropy
                 masked = diffusion.mask_positions(t, attention_mask, u=part.u)
-                nats = diffusion.nelbo(model, x0, t, masked, attention_mask, labels).sum() / step_tokens
+                slot_masked = part.slot_u < diffusion.move_chance(t)
+                out = diffusion.joint_nelbo(model, x0, t, masked, attention_mask, labels, slot_masked, disc=disc_weight > 0)
+                if disc_weight > 0:
+                    out, readout = out
+                    labeled = labels < readout.shape[1]
+                    ce = torch.where(labeled, -readout.gather(1, labels.clamp(max=readout.shape[1] - 1)[:, None])[:, 0], 0.0)
+                    disc = ce.sum() / max(step_labeled, 1)
+                    disc_loss = disc.detach().double() + (0.0 if disc_loss is None else disc_loss)
+                nats = out.sum() / step_tokens
+                total = nats + disc_weight * disc if disc_weight > 0 else nats
+            elif atat_step is None:
+                masked = diffusion.mask_positions(t, attention_mask, u=part.u)
+                nats = diffusion.nelbo(model, x0, t, masked, attention_mask).sum() / step_tokens
                 total = nats
             else:
                 scores = atat_step.estimator(x0, attention_mask)
                 masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, part.u)
-                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask, labels)
+                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
                 nats = diffusion.weighted_sum(nll, masked, atat.token_weights(t, p)).sum() / step_tokens
                 target = atat.difficulty_target(nll.detach(), model.config.vocab_size)
                 est = atat.estimator_loss(scores, target, masked) / n_micro
@@ -273,7 +309,7 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
                 est_loss = est.detach().double() + (0.0 if est_loss is None else est_loss)
             (total * world).backward()
         loss += nats.detach()
-    return loss, est_loss
+    return loss, est_loss, disc_loss
 
 
 def lr_at(step: int, args) -> float:
@@ -434,7 +470,9 @@ def train(args, stop: list):
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}] + \
         ([] if estimator is None else [{"params": list(estimator.parameters()), "lr_scale": ATAT_ESTIMATOR_LR / args.lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    meta = {"class_index": cls, "class_name": name, "classes": classes, "tokenizer": "gpt2",
+    counts = np.bincount([r.label for r in train if r.label >= 0], minlength=len(classes))
+    prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
+    meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     last_saved = step if args.resume else None
@@ -451,7 +489,7 @@ def train(args, stop: list):
     n_params = sum(p.numel() for p in model.parameters())
     n_long = sum(len(ids) > max_len for ids in tokens)
     if rank == 0:
-        kind = f"class-conditional, {int((text_labels == n_classes).sum())} unlabeled texts" if n_classes else "one class"
+        kind = f"joint over (label, text), {int((text_labels == n_classes).sum())} unlabeled texts" if n_classes else "one class"
         print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
@@ -468,8 +506,12 @@ def train(args, stop: list):
                             class_labels=list(range(n_classes + 1)), progress=show_bar)
             own = n[np.arange(len(n)), val_labels]
             nats = float(own.sum() / n_val_tokens)
+            log_post = score_posterior(ema, val_tokens, args.batch_size, device, np.log(np.maximum(prior, 1e-12)), progress=show_bar)
+            by_nelbo, by_posterior = n[:, :n_classes].argmin(1), log_post.argmax(1)
             record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
-                      "val_accuracy": float(np.mean(n[:, :n_classes].argmin(1) == val_labels))}
+                      "val_accuracy": float(np.mean(by_nelbo == val_labels)),
+                      "val_accuracy_posterior": float(np.mean(by_posterior == val_labels)),
+                      "val_readout_agreement": float(np.mean(by_nelbo == by_posterior))}
             for c in labels:
                 inside = val_labels == c
                 record[f"val_nats_per_token_{classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
@@ -520,26 +562,28 @@ def train(args, stop: list):
             x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
             u = torch.rand(attention_mask.shape, generator=g)  # masks where u < the masking rate (step_backward)
             attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
-            y = None
-            if n_classes:
-                y = text_labels[idx].masked_fill(torch.rand(len(idx), generator=g) < args.label_dropout, n_classes).to(device)
+            y = slot_u = None
+            if n_classes:  # the label slot's label (n_classes: unlabeled) and its uniform
+                y, slot_u = text_labels[idx].to(device), torch.rand(len(idx), generator=g).to(device)
             parts.append(MicroBatch(seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
-                                    t.to(device), u.to(device), y))
+                                    t.to(device), u.to(device), y, slot_u))
         atat_step = None
         if estimator is not None:
             tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
             atat_step = AtatStep(est_ddp, tilt, args.atat_estimator_weight)
-        loss_sum, est_loss = step_backward(ddp, parts, n_tokens, world, atat_step)
+        n_labeled = int(sum((text_labels[idx] < n_classes).sum() for idx in plan)) if n_classes else 0
+        loss_sum, est_loss, disc_loss = step_backward(ddp, parts, n_tokens, world, atat_step, args.disc_weight, n_labeled)
         # one all-reduce for what every rank must agree on: the step's losses and whether to stop
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop)])
+        agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop),
+                              zero if disc_loss is None else disc_loss])
         if world > 1:
             dist.all_reduce(agreed)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
         est_norm = zero if estimator is None else torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
         # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-        loss_sum, est_loss, stopping, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
+        loss_sum, est_loss, stopping, disc_sum, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
         if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm))):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
                  f"{est_norm:.4g}" if estimator is not None else "") + f" at step {step + 1}; stopped before the update, {intact()}")
@@ -555,12 +599,15 @@ def train(args, stop: list):
         record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
         if estimator is not None:
             record.update(tilt=tilt, estimator_loss=est_loss, estimator_grad_norm=est_norm)
+        if disc_loss is not None:
+            record.update(disc_loss=disc_sum)
         checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate())
             if rank == 0:
                 extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
-                accuracy = f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+                accuracy = (f", val accuracy {record['val_accuracy_posterior']:.4f} posterior / {record['val_accuracy']:.4f} "
+                            f"nelbo (agree {record['val_readout_agreement']:.2f})") if "val_accuracy" in record else ""
                 bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
                           f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {rate:.0f} tokens/s")
         if rank == 0:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing

@@ -64,7 +64,7 @@ def run(argv=None):
     except ValueError:
         p.error(f"argument --sequential: expected K:MAX pairs with MAX a multiple of K, got {args.sequential!r}")
     try:
-        clf = classify.DiffusionClassifier.from_checkpoints(args.ckpt, batch_size=args.batch_size)
+        clf = classify.DiffusionClassifier.from_checkpoints(args.ckpt, batch_size=args.batch_size, readout="nelbo")
         reviews, names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
         val = data.balanced_subset(data.train_val_split(reviews)[1], args.limit)
     except (CheckpointError, data.DataError) as e:

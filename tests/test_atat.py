@@ -392,20 +392,9 @@ def test_a_non_finite_estimator_stops_training_before_the_update(imdb, tmp_path,
     assert "at step 1; stopped before the update" in message and not (tmp_path / "o" / "train_state.safetensors").exists()
 
 
-def test_atat_trains_the_class_conditional_model(tmp_path, one_thread):
-    """--class all --objective atat: the estimator is class-agnostic (it reads x0 only), the DiT gets the labels."""
+def test_atat_is_refused_for_the_joint_model(capsys):
+    """--class all trains the NELBO of (label, text) (diffusion.joint_nelbo); ATAT's tilt is a per-class-model option."""
     import train
-    from conftest import LANGUAGES, make_languages
-    path = tmp_path / "langs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in make_languages(20)))
-    train.main(["--class", "all", "--data", str(path), "--init", "scratch", "--preset", "tiny", "--max-steps", "4",
-                "--warmup-steps", "1", "--batch-size", "8", "--eval-every", "4", "--val-reviews", "2",
-                "--objective", "atat", "--out", str(tmp_path / "all")])
-    log = run_log(tmp_path / "all")
-    assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and all(r["estimator_loss"] > 0 for r in log[1:])
-    state = load_file(tmp_path / "all" / "train_state.safetensors")
-    assert "val_accuracy" in log[-1] and any(k.startswith("estimator.") for k in state)
-    # the labels reach the DiT: every class's row of its class table trained (the raw weights moved
-    # away from the EMA's; a row that got no gradient, e.g. all texts under "no class", stays equal)
-    raw, ema = state["model.class_embed.weight"], state["ema.class_embed.weight"]
-    assert all(not torch.equal(raw[c], ema[c]) for c in range(len(LANGUAGES)))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--class", "all", "--objective", "atat", "--out", "x"])
+    assert "--objective atat: applies to one model per class" in capsys.readouterr().err

@@ -77,3 +77,14 @@ def test_naive_scorer_equals_score_texts():
     naive = bench.score_naive(models, tokens, k=3, seed=4, device="cpu", pad_to=32)
     np.testing.assert_allclose(naive, fast, rtol=1e-5)
     assert np.abs(fast[:, 0] - fast[:, 1]).min() > 1e-3  # the two random models really differ
+
+
+def test_readout_table_times_both_readouts_of_one_joint_model():
+    """The posterior readout takes one pass (1 'draw') per review; the NELBO rows take their K draws."""
+    rows = []
+    args = type("Args", (), {"seed": 0, "batch_size": 4})()
+    cfg = dataclasses.replace(CFG, vocab_size=50258, adaptive_head=64)
+    tokens = [list(range(5, 5 + n)) for n in (7, 12, 30, 3)]
+    bench.readout_table(cfg, "cpu", args, tokens, torch.arange(cfg.vocab_size - 1), lambda title, r: rows.extend(r))
+    assert [r["variant"].split(",")[0] for r in rows] == ["nelbo", "nelbo", "posterior"]
+    assert [float(r["draws/review"]) for r in rows][::2] == [2.0, 1.0] and rows[0]["vs first row"] == "1.00x"

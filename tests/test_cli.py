@@ -38,12 +38,13 @@ def test_train_writes_a_loadable_checkpoint_and_a_validation_curve(class_models)
 
 def test_class_all_trains_on_every_imdb_text_including_unsup(class_models, tmp_path):
     tree, root = class_models
-    result = train(tree, tmp_path / "base", "all", 1, "--warmup-steps", "100")
+    result = train(tree, tmp_path / "base", "all", 1, "--warmup-steps", "100", "--unlabeled")
     assert result.returncode == 0, result.stderr
     assert "warning: --warmup-steps 100 is longer than --max-steps 1: the lr ends at 1/100 of --lr 0.01" in result.stderr
     assert "warning" not in train(tree, tmp_path / "ok", "all", 1).stderr  # warmup 1: nothing to say
-    # 2 x (12 - 1 val) labeled + 3 unsup, under "no class"
-    assert "class all (2 classes; class-conditional, 3 unlabeled texts): 25 train / 2 val texts" in result.stdout
+    # 2 x (12 - 1 val) labeled + 3 unsup (--unlabeled), their label slot masked; without it, the labeled ones only
+    assert "class all (2 classes; joint over (label, text), 3 unlabeled texts): 25 train / 2 val texts" in result.stdout
+    assert "0 unlabeled texts): 22 train / 2 val texts" in train(tree, tmp_path / "plain", "all", 1).stdout
     assert json.loads((tmp_path / "base" / "config.json").read_text())["classes"] == ["neg", "pos"]
 
 

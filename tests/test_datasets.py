@@ -195,7 +195,7 @@ def test_class_all_trains_one_conditional_model_that_classify_takes_alone(toy, t
     root, jsonl, ckpts = toy
     common = ["--data", str(jsonl), "--init", "scratch", "--preset", "tiny", "--max-steps", "1", "--val-reviews", "2"]
     train.main([*common, "--class", "all", "--out", str(tmp_path / "base")])
-    assert "class all (3 classes; class-conditional, 0 unlabeled texts): 129 train / 6 val texts" in capsys.readouterr().out  # 150 - 15 test - 6 val
+    assert "class all (3 classes; joint over (label, text), 0 unlabeled texts): 129 train / 6 val texts" in capsys.readouterr().out  # 150 - 15 test - 6 val
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["class_index"] is None and config["class_name"] == "all" and config["classes"] == NAMES
     assert config["n_classes"] == 3

@@ -33,19 +33,33 @@ def tree(tmp_path_factory):
     return make_imdb_tree(tmp_path_factory.mktemp("ddp") / "imdb")
 
 
-def test_two_processes_follow_the_one_process_trajectory(tree, tmp_path):
-    one = run_script("train.py", *train_args(tree, tmp_path / "one", "--grad-accum", 2), env=CPU)
+@pytest.mark.parametrize("model", ["pos", "all"])
+def test_two_processes_follow_the_one_process_trajectory(tree, tmp_path, model):
+    """A class model, and the joint model with the hybrid objective (its one forward pass over the
+    noisy and the clean copies, the cross-entropy normalised by the step's labeled texts)."""
+    extra = ("--class", "all", "--disc-weight", "1") if model == "all" else ()
+    one = run_script("train.py", *train_args(tree, tmp_path / "one", "--grad-accum", 2, *extra), env=CPU)
     assert one.returncode == 0, one.stderr
-    two = torchrun("train.py", *train_args(tree, tmp_path / "two"))  # default --grad-accum: one micro-batch per process
+    two = torchrun("train.py", *train_args(tree, tmp_path / "two", *extra))  # default --grad-accum: one micro-batch per process
     assert two.returncode == 0, two.stderr
-    assert "on cpu x 2" in two.stdout and two.stdout.count("class pos") == 1  # rank 0 alone reports
+    assert "on cpu x 2" in two.stdout and two.stdout.count(f"class {model}") == 1  # rank 0 alone reports
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4]
-    for key in ("loss", "grad_norm", "val_nats_per_token"):
+    keys = ("disc_loss", "val_accuracy_posterior") if model == "all" else ()
+    for key in ("loss", "grad_norm", "val_nats_per_token", *keys):
         a, b = ([r[key] for r in log if key in r] for log in logs)
         assert len(a) == len(b) > 0 and np.allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE), (key, a, b)
     sa, sb = (load_file(tmp_path / run / "train_state.safetensors") for run in ("one", "two"))
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOLERANCE
+    if model == "all":  # the posterior readout gathers its windows' results from both processes
+        args = ["--ckpt", tmp_path / "one", "--data", tree, "--limit", 8, "--batch-size", 2]
+        single = run_script("classify.py", *args, "--json", tmp_path / "p1.json", env=CPU)
+        double = torchrun("classify.py", *args, "--json", tmp_path / "p2.json")
+        assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+        a, b = (json.loads((tmp_path / f"p{n}.json").read_text()) for n in (1, 2))
+        assert a["readout"] == "posterior" and b["processes"] == 2
+        pa, pb = (np.array([t["posterior"] for t in s["texts"]]) for s in (a, b))
+        assert pa.shape == (8, 2) and np.abs(pa - pb).max() <= TOLERANCE
 
 
 def test_grad_accum_must_split_over_the_processes(tree, tmp_path):
