@@ -376,7 +376,7 @@ def classification_table(cfgs, device, args, peak, score_rows, tokens, rank, sou
 def readout_table(cfg: DiTConfig, device, args, tokens, rank, report) -> None:
     """reviews/s of the two readouts of one joint model (random weights, so sequential scoring rarely
     stops early: its row is the slow end), each after one untimed warm-up call."""
-    model = bench_model(dataclasses.replace(cfg, n_classes=2), args.seed, rank, device).eval()
+    model = set_runtime(bench_model(dataclasses.replace(cfg, n_classes=2), args.seed, rank, device).eval(), "auto", inference=True)
     rows, base = [], None
     for name, kwargs in [("nelbo, K = 2 fixed", {"readout": "nelbo", "max_draws": 2}),
                          ("nelbo, sequential 2 up to 8 (classify.py's default)", {"readout": "nelbo"}),

@@ -256,8 +256,9 @@ def paired_margin(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Bayes rule with a uniform prior, tempered: softmax_c((log prior_c - NELBO_c) / T) (calibration.py).
-    nelbo [N, C] nats -> float64 [N, C], rows sum to 1."""
+    """Tempered posteriors softmax_c(-score_c / T) (calibration.py): Bayes rule with a uniform prior over
+    NELBO scores, or the tempered one-pass posterior when score = -log p(c | text) (its training prior
+    already in it). score [N, C] nats -> float64 [N, C], rows sum to 1."""
     return calibration.softmax(-nelbo, temperature)
 
 
@@ -309,25 +310,41 @@ def calibration_key(paths: list[str]) -> list[str]:
 
 
 def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
-    """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate);
-    T = 1 (softmax of -NELBO, uncalibrated) when there is none, or it was fitted for other
-    checkpoints or another estimator (the spread of the scores, and so T, depends on the noise
-    of the estimate). Another K is allowed and noted. Raises CheckpointError for an unreadable file."""
+    """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate), which
+    holds one fit per scoring key (scoring_key: "posterior", or the NELBO estimator's name);
+    T = 1 (uncalibrated) when there is none for `estimator` (that key), or it was fitted for other
+    checkpoints (the spread of the scores, and so T, depends on the readout and on the noise of
+    the estimate). Another K is allowed and noted. Raises CheckpointError for an unreadable file."""
     path = Path(paths[0], CALIBRATION)
-    if not path.is_file():
-        return 1.0, f"uncalibrated (no {CALIBRATION}; run classify.py --calibrate)"
+    fits = read_calibrations(path)
+    if estimator not in fits:
+        have = f" (it has {', '.join(fits)})" if fits else ""
+        return 1.0, f"uncalibrated (no {estimator} fit in {path}{have}; run classify.py --calibrate)"
+    saved = fits[estimator]
     try:
-        saved = json.loads(path.read_text())
         temperature, fitted_for = float(saved["temperature"]), saved["checkpoints"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
     if fitted_for != calibration_key(paths) or not temperature > 0:
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
-    if saved.get("estimator") != estimator:
-        return 1.0, f"uncalibrated ({path} was fitted with the {saved.get('estimator')} estimator; run classify.py --calibrate)"
     same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
     note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
     return temperature, f"T = {temperature:.4g} from {path}{note}"
+
+
+def read_calibrations(path: Path) -> dict:
+    """scoring key -> fitted record of a calibration.json ({} when there is none); a file of one
+    record (written before fits were keyed) counts as the fit of its "estimator". Raises
+    CheckpointError for a file that is not JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a calibration file ({e}); rerun classify.py --calibrate") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a calibration file (expected a JSON object); rerun classify.py --calibrate")
+    return {saved.get("estimator"): saved} if "temperature" in saved else saved
 
 
 def check_texts(texts) -> list[str]:
@@ -404,7 +421,7 @@ class DiffusionClassifier:
             raise CheckpointError(f"{paths[0]}: per-class models have no label slot; the posterior readout needs one "
                                   "joint checkpoint (train.py --class all); pass --readout nelbo")
         prior = read_config(Path(paths[0]))[1].get("class_prior")
-        log_prior = None if prior is None else np.log(np.asarray(prior, dtype=np.float64))
+        log_prior = None if prior is None else np.log(np.maximum(np.asarray(prior, dtype=np.float64), 1e-12))  # a class never seen
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
@@ -438,7 +455,7 @@ class DiffusionClassifier:
         return np.nanmean(self.draws(token_lists, progress), -1)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        """Calibrated posterior p(c | text) under a uniform prior: float64 [N, C], rows sum to 1."""
+        """Calibrated posterior p(c | text): float64 [N, C], rows sum to 1 (readout "nelbo": a uniform prior)."""
         return posteriors(self.nelbo(texts), self.temperature)
 
     def predict(self, texts: list[str]) -> list[str]:
@@ -517,8 +534,9 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
               "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": scoring_key(clf.readout, clf.estimator),
               "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
-    for p in paths:
-        atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(record, indent=1) + "\n"))
+    for p in paths:  # beside the fits of the other readouts / estimators
+        fits = {**read_calibrations(Path(p, CALIBRATION)), record["estimator"]: record}
+        atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(fits, indent=1) + "\n"))
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
           f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
           f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {CALIBRATION} in {', '.join(paths)}")

@@ -1,4 +1,4 @@
-"""Train the MDLMs of a generative classifier: one class-conditional model, or one model per class.
+"""Train the MDLMs of a generative classifier: one joint model over (label, text), or one model per class.
 
     python train.py --class all --out ckpt/all                      # one model p(x | c) for every class
     python train.py --class 0 --out ckpt/neg                        # IMDB, one class, from mdlm-owt-noeos (hub)
@@ -96,7 +96,7 @@ ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "preci
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--class", dest="cls", required=True,
-                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one class-conditional model on every text")
+                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one joint model over (label, text) on every text")
     data.add_data_args(p)
     p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
@@ -264,8 +264,9 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
     maximum-likelihood fit of the joint p(y, x); the second is the conditional likelihood of the
     labels, the discriminative objective (a hybrid generative-discriminative fit, e.g. Bouchard &
     Triggs 2004, Lasserre et al. 2006). λ = 0 skips the clean pass entirely (the purely generative step).
-    The returned loss is the first term (what validation compares across λ); disc is the second,
-    unweighted (a float64 tensor, or None without a slot or at λ = 0).
+    The returned loss is the first term, the NELBO of (label, text) per text token (its slot terms
+    included; validation's val_nats_per_token is the text's NELBO alone, the slot clamped); disc is
+    the second, unweighted (a float64 tensor, or None without a slot or at λ = 0).
 
     Without atat_step a token is masked where u < move_chance(t) (the plain forward process). With
     it, the estimator scores x0 and atat.mask_with_scores masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
@@ -366,6 +367,8 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     unknown = [k for k, v in ADDED_LATER.items() if v is None and saved.get(k) is None]  # an old state did not say
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
+    if args.cls != "all":  # nor do the joint model's a class model
+        unknown += ["disc_weight", "unlabeled"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -584,7 +587,7 @@ def train(args, stop: list):
         est_norm = zero if estimator is None else torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
         # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
         loss_sum, est_loss, stopping, disc_sum, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
-        if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm))):
+        if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm, disc_sum))):
             fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
                  f"{est_norm:.4g}" if estimator is not None else "") + f" at step {step + 1}; stopped before the update, {intact()}")
         opt.step()

@@ -77,7 +77,7 @@ def test_one_conditional_checkpoint_classifies_the_toy_languages(toy_conditional
     assert accuracy("posterior") < 0.9
 
 
-def test_unlabeled_rows_train_under_no_class(toy_conditional, capsys):
+def test_unlabeled_rows_are_the_unsup_split(toy_conditional, capsys):
     jsonl, ckpt = toy_conditional
     import data
     assert len(data.load_dataset(str(jsonl), "unsup")[0]) == 30
@@ -88,13 +88,21 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     jsonl, ckpt = toy_conditional
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate", "--mc-samples", "2", "--readout", "nelbo")
     assert result.returncode == 0, result.stderr
-    saved = json.loads((ckpt / "calibration.json").read_text())
+    saved = json.loads((ckpt / "calibration.json").read_text())["time"]
     assert saved["temperature"] > 0 and saved["n_texts"] == 6 and saved["checkpoints"] == [str(ckpt.resolve())]
+    # the posterior readout's fit goes beside it, not over it
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate")
+    assert result.returncode == 0, result.stderr
+    fits = json.loads((ckpt / "calibration.json").read_text())
+    assert set(fits) == {"time", "posterior"} and fits["time"] == saved
     out = tmp_path / "r.json"
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "4", "--json", out, "--readout", "nelbo")
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
     assert summary["accuracy"] >= 0.8 and summary["temperature"] == saved["temperature"]  # picks the right class
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--json", tmp_path / "p.json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["temperature"] == fits["posterior"]["temperature"]
     assert set(summary["calibration"]) == {"uncalibrated", "calibrated"}
     for row in summary["texts"]:
         nelbo = np.array(row["nelbo"])
