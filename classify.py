@@ -265,7 +265,7 @@ def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def load_class_models(paths: list[str], device, precision: str = "auto") -> tuple[list, list[str], list | None]:
     """The scorers of a classifier: (models, class names, class labels or None).
 
-    One class-conditional checkpoint (train.py --class all): the same model C times with labels
+    One joint checkpoint (train.py --class all): the same model C times with labels
     0..C-1. Several checkpoints: one unconditional class model per class, in class order (labels
     None). Each model is set up for inference at `precision` (model.set_runtime: on CUDA the weights
     are cast to bf16 once). Raises CheckpointError if the model configs differ, a conditional checkpoint is not
@@ -278,7 +278,7 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
     if len(paths) == 1:
         if not cfg0.n_classes:
             raise CheckpointError(f"{paths[0]}: an unconditional model; give one checkpoint per class, or one "
-                                  "class-conditional checkpoint (train.py --class all)")
+                                  "joint checkpoint over (label, text) (train.py --class all)")
         names = raw0.get("classes") or [str(c) for c in range(cfg0.n_classes)]
         if len(names) != cfg0.n_classes:
             raise CheckpointError(f"{paths[0]}: n_classes {cfg0.n_classes} but {len(names)} class names")
@@ -286,7 +286,7 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
         return [model] * cfg0.n_classes, list(names), list(range(cfg0.n_classes))
     for p, (cfg, raw) in zip(paths, configs):
         if cfg.n_classes:
-            raise CheckpointError(f"{p}: a class-conditional checkpoint (train.py --class all) scores every class "
+            raise CheckpointError(f"{p}: a joint checkpoint (train.py --class all) scores every class "
                                   "by itself; pass it alone (--ckpt DIR)")
     for p, (cfg, raw) in zip(paths[1:], configs[1:]):
         if cfg != cfg0:
@@ -406,7 +406,7 @@ class DiffusionClassifier:
     def from_checkpoints(cls, paths: list[str] | str, device=None, mc_samples: int = 2, seed: int = 0,
                          batch_size: int = 16, estimator: str = "time", max_draws: int | None = None,
                          z: float = 2.0, precision: str = "auto", readout: str | None = None) -> "DiffusionClassifier":
-        """Load one class-conditional checkpoint, or one checkpoint per class in class order (train.py
+        """Load one joint checkpoint, or one checkpoint per class in class order (train.py
         folders), onto `device` (default: CUDA if available, else CPU), with the temperature of their
         calibration.json, at `precision` (model.set_runtime). Raises CheckpointError / DataError as
         load_class_models, CheckpointError for the count estimator on a time-conditioned model, and
@@ -547,7 +547,7 @@ def run(argv=None):
     p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
     p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
     p.add_argument("--ckpt", action="append", default=[],
-                   help="one class-conditional checkpoint, or class checkpoints in class order (repeat for N classes)")
+                   help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
     p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
                    "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
@@ -563,7 +563,7 @@ def run(argv=None):
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
     if not paths:
-        p.error("give one class-conditional checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
+        p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
     rank, world, device = init_distributed()
     if args.max_draws and args.max_draws % args.mc_samples:

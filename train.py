@@ -438,7 +438,7 @@ def train(args, stop: list):
         print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
               "two classes (a model per class, or --class all)", file=sys.stderr)
     train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
-    n_classes = len(classes) if cls is None else 0  # --class all: one class-conditional model
+    n_classes = len(classes) if cls is None else 0  # --class all: one joint model over (label, text)
     if cls is not None:
         train = [r for r in train if r.label == cls]
     elif args.unlabeled:

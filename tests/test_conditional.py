@@ -1,4 +1,4 @@
-"""Issue 10: one class-conditional MDLM for every class, the count NELBO estimator, the loss per real
+"""One joint MDLM over (label, text) for every class, the count NELBO estimator, the loss per real
 token of a whole step, and calibrated posteriors (temperature scaling, ECE)."""
 import argparse
 import json

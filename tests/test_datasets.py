@@ -201,7 +201,7 @@ def test_class_all_trains_one_conditional_model_that_classify_takes_alone(toy, t
     assert config["n_classes"] == 3
     for main, argv, words in [
             (classify.main, ["--ckpt", str(tmp_path / "base"), "--ckpt", ckpts[1], "--ckpt", ckpts[2]],
-             "a class-conditional checkpoint .* pass it alone"),
+             "a joint checkpoint .* pass it alone"),
             (classify.main, ["--ckpt", ckpts[0]], "an unconditional model; give one checkpoint per class"),
             (classify.main, ["--ckpt", ckpts[0], "--ckpt", ckpts[1]], "3 classes .* but 2 checkpoints"),
             (train.main, [*common, "--class", "birds", "--out", str(tmp_path / "x")], "--class birds: expected one of animals, colors, numbers")]:
