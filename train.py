@@ -1,6 +1,7 @@
 """Train the MDLMs of a generative classifier: one joint model over (label, text), or one model per class.
 
-    python train.py --class all --out ckpt/all                      # one model p(x | c) for every class
+    python train.py --class all --init scratch --preset tiny --lr 1e-3 --max-steps 800 --out ckpt/all   # one model over (label, text)
+    python train.py --class all --out ckpt/all                      # the same, fine-tuned from mdlm-owt-noeos (hub)
     python train.py --class 0 --out ckpt/neg                        # IMDB, one class, from mdlm-owt-noeos (hub)
     python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
     python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
