@@ -91,25 +91,50 @@ def test_a_signal_saves_a_checkpoint_and_exits(uninterrupted, tmp_path, sig):
     load_hf(str(out))
 
 
+PAUSE_IN_SAVE = """
+import os, sys, time
+target, marker = os.environ["PAUSE_TARGET"], os.environ["PAUSE_MARKER"]
+real_replace, seen = os.replace, []
+def replace(src, dst, *args, **kwargs):  # atomic_write's rename: the .tmp is whole, the old file still in place
+    if os.path.basename(str(dst)) == target:
+        seen.append(dst)
+        if len(seen) == 2:  # the process's first checkpoint is whole; pause inside its second
+            open(marker, "w").close()
+            time.sleep(600)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = ["train.py", *sys.argv[1:]]
+sys.path.insert(0, os.getcwd())
+import train
+train.main()
+"""
+
+
 def test_kill_9_during_saves_leaves_the_previous_checkpoint_valid(uninterrupted, tmp_path):
-    """Every step saves (--eval-every 1); the process is killed at different moments of that loop
-    and restarted with --resume. What remains must load every time."""
+    """Every step saves (--eval-every 1); the process is killed -9 while it is inside a save (paused
+    just before the rename of each file of a checkpoint in turn: deterministic, not timed) and
+    restarted with --resume. What remains must load every time."""
     tree, _ = uninterrupted
-    out, torn, last = tmp_path / "kill", 0, 0
-    for delay in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
-        proc = start(train_args(tree, out, 10_000, "--eval-every", "1", *(["--resume"] if last else [])),
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while exported_step(out) <= last and proc.poll() is None:  # wait for a whole new checkpoint
+    out, last = tmp_path / "kill", 0
+    for target in ("train_state.safetensors", "model.safetensors", "config.json"):
+        marker = tmp_path / f"paused-{target}"
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_SAVE, *map(str, train_args(tree, out, 10_000, "--eval-every", "1",
+                                                                                          *(["--resume"] if last else [])))],
+                                cwd=ROOT, env={**script_env(), "PAUSE_TARGET": target, "PAUSE_MARKER": str(marker)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120  # a save that never renames (no atomic write) must fail, not hang
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(delay)
+        if not marker.exists():
+            proc.kill()
+        assert marker.exists(), f"train.py never paused inside its second save of {target} (exit {proc.poll()})"
         proc.kill()
         proc.wait()
-        torn += any(temporary(p) for p in out.iterdir())  # the kill hit a write
+        assert any(temporary(p) for p in out.iterdir()), target  # the kill hit a write
         last = state_step(out)  # the train state reads back whole ...
         assert last >= 1 and set(load_file(out / "train_state.safetensors")) >= {"model.vocab_embed.embedding"}
         model = load_hf(str(out))  # ... and so does the EMA export
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert torn >= 1, "no kill landed during a save; the test did not test anything"
     result = run_script("train.py", *train_args(tree, out, last + 1, "--eval-every", "1", "--resume"))
     assert result.returncode == 0, result.stderr
     assert steps_logged(out)[-2:] == [last, last + 1]  # the log was cut back to the checkpoint
