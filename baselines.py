@@ -4,6 +4,8 @@
     python baselines.py --data aclImdb_v1.tar.gz                     # all 25,000 test reviews
     python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --json baselines.json   # subset C
     python baselines.py --data aclImdb_v1.tar.gz --tokens bpe        # the same models on GPT-2 tokens
+    python baselines.py --data aclImdb_v1.tar.gz --labeled-limit 500 --seed 0   # train.py --labeled-limit 500's labels
+    python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --novelty-data ag_news/test.jsonl   # max-probability AUROC
 
 Trained on the 25,000 train reviews, scored on the test split (or its balanced subset, --limit),
 with the settings of shared/data/README.md (fixed beforehand there, never tuned on test):
@@ -19,6 +21,13 @@ one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
 cleaned text, data.encode: `<br />` -> newline, case kept), each on unigrams and on
 uni+bigrams, so a results table compares like with like: MNB on BPE unigrams is the Bayes rule
 of a per-class unigram model, the plateau an MDLM classifier starts from.
+
+--labeled-limit N: trained on exactly the N labeled texts train.py --labeled-limit N --seed S
+keeps (data.labeled_limit on the same 95 % train part, data.train_val_split); TF-IDF's min_df is 1
+below 2,000 labels (at 2, most n-grams of a few hundred texts would be dropped).
+--novelty-data FILE: each model's max class probability as a novelty score (lower = more novel),
+and the AUROC of telling FILE's texts (classify.read_texts) from the test texts by it
+(calibration.auroc), the baseline for classify.py --novelty-data.
 """
 import argparse
 import json
@@ -33,7 +42,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import MultinomialNB
 from sklearn.pipeline import make_pipeline
 
+import calibration
 import data
+from classify import read_texts
 from cli import HelpFormatter
 from bench import print_table
 
@@ -58,7 +69,7 @@ class NBScale(TransformerMixin, BaseEstimator):
         return X @ sp.diags(self.r_)
 
 
-def baselines(tokens: str = "words") -> dict:
+def baselines(tokens: str = "words", min_df: int = 2) -> dict:
     """name -> unfitted scikit-learn pipeline from a text to its label. tokens "words": raw
     (`<br />`-free) text, uni+bigrams of words; "bpe": texts_and_labels' strings of GPT-2 ids, on
     unigrams and on uni+bigrams (two pipelines per model)."""
@@ -70,7 +81,7 @@ def baselines(tokens: str = "words") -> dict:
     models = {}
     for suffix, ngrams in grams.items():
         models.update({
-            "TF-IDF + LR" + suffix: make_pipeline(TfidfVectorizer(min_df=2, sublinear_tf=True, **ngrams),
+            "TF-IDF + LR" + suffix: make_pipeline(TfidfVectorizer(min_df=min_df, sublinear_tf=True, **ngrams),
                                                   LogisticRegression(solver="liblinear", C=30)),
             "NB-LR" + suffix: make_pipeline(CountVectorizer(binary=True, **ngrams), NBScale(alpha=1.0),
                                             LogisticRegression(solver="liblinear", C=1)),
@@ -89,26 +100,43 @@ def texts_and_labels(reviews: list[data.Review], tokens: str = "words") -> tuple
     return texts, np.array([r.label for r in reviews])
 
 
+def training_reviews(path: str | None, labeled_limit: int | None = None, seed: int = 0) -> list[data.Review]:
+    """The labeled IMDB texts the baselines train on: all 25,000 train reviews, or (labeled_limit N)
+    the N that train.py --labeled-limit N --seed S keeps (data.labeled_limit on train.py's train
+    part, data.train_val_split). Raises DataError."""
+    train = data.load_imdb("train", path)
+    return data.labeled_limit(data.train_val_split(train)[0], labeled_limit, seed)[0] if labeled_limit else train
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
     p.add_argument("--tokens", choices=["words", "bpe"], default="words",
                    help="words: the settings above; bpe: GPT-2 tokens (the diffusion model's), unigrams and uni+bigrams")
+    p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
+                   help="train on the N labeled texts train.py --labeled-limit N --seed S trains on (N / C per class)")
+    p.add_argument("--seed", type=int, default=0, help="--labeled-limit: which N texts (train.py's --seed)")
+    p.add_argument("--novelty-data", metavar="FILE", help="texts of another kind: the AUROC of telling them from the "
+                   "test texts by one minus each model's max class probability")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     try:
-        train = data.load_imdb("train", args.data)
+        train = training_reviews(args.data, args.labeled_limit, args.seed)
         test = data.load_imdb("test", args.data)
         if args.limit:
             test = data.balanced_subset(test, args.limit)
         x_train, y_train = texts_and_labels(train, args.tokens)
         x_test, y_test = texts_and_labels(test, args.tokens)
+        other = None
+        if args.novelty_data:
+            texts = read_texts(args.novelty_data)[0]
+            other = texts_and_labels([data.Review(t, -1, i, 0) for i, t in enumerate(texts)], args.tokens)[0]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 
     results, rows = {}, []
-    for name, pipe in baselines(args.tokens).items():
+    for name, pipe in baselines(args.tokens, min_df=1 if len(x_train) < 2000 else 2).items():
         start = time.perf_counter()
         pipe.fit(x_train, y_train)
         fit_s = time.perf_counter() - start
@@ -119,13 +147,21 @@ def main():
         features = len(pipe[0].vocabulary_)
         cm = np.zeros((2, 2), dtype=int)
         np.add.at(cm, (y_test, pred), 1)  # rows true, columns predicted
-        results[name] = {"accuracy": accuracy, "confusion_matrix": cm.tolist(), "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
+        results[name] = {"accuracy": accuracy, "accuracy_ci95": list(calibration.wilson_interval(accuracy, len(y_test))),
+                         "confusion_matrix": cm.tolist(), "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
         rows.append({"model": name, "features": f"{features:,}", "test accuracy": f"{100 * accuracy:.2f}%",
                      "fit s": f"{fit_s:.0f}", "test reviews/s": f"{len(x_test) / predict_s:.0f}"})
-    print_table(f"trained on {len(x_train):,} train reviews, scored on {len(x_test):,} test reviews"
-                + (f" (balanced subset, --limit {args.limit})" if args.limit else ""), rows)
+        if other is not None:  # novelty: one minus the max class probability
+            auc = calibration.auroc(-pipe.predict_proba(x_test).max(1), -pipe.predict_proba(other).max(1))
+            results[name]["novelty_auroc_max_prob"] = auc
+            rows[-1]["novelty AUROC"] = f"{auc:.4f}"
+    print_table(f"trained on {len(x_train):,} train reviews" + (f" (--labeled-limit {args.labeled_limit}, --seed {args.seed})"
+                if args.labeled_limit else "") + f", scored on {len(x_test):,} test reviews"
+                + (f" (balanced subset, --limit {args.limit})" if args.limit else "")
+                + (f"; novelty AUROC vs {len(other):,} texts of {args.novelty_data}" if other is not None else ""), rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"n_train": len(x_train), "n_test": len(x_test), "limit": args.limit, "tokens": args.tokens,
+                                               "labeled_limit": args.labeled_limit, "seed": args.seed, "novelty_data": args.novelty_data,
                                                "models": results}, indent=1))
 
 

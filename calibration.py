@@ -73,3 +73,25 @@ def summary(scores: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
     """NLL and ECE of softmax(scores / temperature) on labeled texts (accuracy does not depend on T)."""
     probs = softmax(scores, temperature)
     return {"temperature": temperature, "nll": nll(probs, labels), "ece": ece(probs, labels)}
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % (z = 1.96) Wilson score interval of a proportion measured on n trials (Wilson 1927)."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def auroc(inside: np.ndarray, other: np.ndarray) -> float:
+    """Area under the ROC curve of telling `other` texts from `inside` ones by a score (higher = more
+    likely other): the probability that a random other text scores above a random inside one, a tie
+    counting one half (the Mann-Whitney U statistic over n_in x n_other, Hanley & McNeil 1982).
+    inside, other: float [n_in], [n_other], both non-empty -> [0, 1]; 0.5 = no better than chance.
+    Raises ValueError for an empty side or a NaN score."""
+    inside, other = np.asarray(inside, dtype=np.float64).ravel(), np.asarray(other, dtype=np.float64).ravel()
+    if not len(inside) or not len(other) or np.isnan(inside).any() or np.isnan(other).any():
+        raise ValueError(f"auroc needs non-empty, NaN-free scores on both sides (got {len(inside)} and {len(other)})")
+    values, where, counts = np.unique(np.concatenate([inside, other]), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based ranks, a tie sharing its mean rank
+    u = ranks[len(inside):].sum() - len(other) * (len(other) + 1) / 2
+    return float(u / (len(inside) * len(other)))

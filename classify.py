@@ -454,6 +454,28 @@ class DiffusionClassifier:
         """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
         return np.nanmean(self.draws(token_lists, progress), -1)
 
+    def novelty(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
+        """How unlike the training texts each text is: an upper bound on -log p(text) per token, float64
+        [N], nats/token (higher = more novel), over all of a long text's windows (score_draws).
+
+        A joint model: the NELBO of the text alone, its label slot masked ("label unknown": the
+        model's p(text) with the label marginalised out, diffusion.joint_nelbo for an unlabeled
+        text), with mc_samples draws (estimator as set). One model per class: the mixture bound
+        -log sum_c prior_c exp(-NELBO_c(text)) >= -log p(text), since each NELBO_c >= -log p(text | c)
+        (Eq. 11; uniform prior without the checkpoint's class_prior). token_lists: N non-empty lists
+        of GPT-2 ids (data.encode); index: as in draws."""
+        if self.models[0].config.n_classes:
+            nats = score_draws(self.models[:1], token_lists, self.mc_samples, self.seed, self.batch_size, self.device,
+                               [self.models[0].config.n_classes], self.estimator, progress, index).mean(-1)[:, 0]
+        else:
+            nelbo = score_draws(self.models, token_lists, self.mc_samples, self.seed, self.batch_size, self.device,
+                                self.class_labels, self.estimator, progress, index).mean(-1)
+            log_prior = np.full(len(self.models), -np.log(len(self.models))) if self.log_prior is None else self.log_prior
+            z = log_prior - nelbo
+            top = z.max(1)
+            nats = -(top + np.log(np.exp(z - top[:, None]).sum(1)))
+        return nats / np.array([len(ids) for ids in token_lists])
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Calibrated posterior p(c | text): float64 [N, C], rows sum to 1 (readout "nelbo": a uniform prior)."""
         return posteriors(self.nelbo(texts), self.temperature)
@@ -471,9 +493,8 @@ def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     np.add.at(cm, (labels, pred), 1)
     per_class = {names[c]: {"precision": cm[c, c] / max(cm[:, c].sum(), 1), "recall": cm[c, c] / max(cm[c].sum(), 1),
                             "support": int(cm[c].sum()), "predicted": int(cm[:, c].sum())} for c in range(C)}
-    n, acc, z = len(labels), float(np.mean(labels == pred)), 1.96
-    centre, half = (acc + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"accuracy": acc, "accuracy_ci95": [float(centre - half), float(centre + half)],
+    acc = float(np.mean(labels == pred))
+    return {"accuracy": acc, "accuracy_ci95": list(calibration.wilson_interval(acc, len(labels))),
             "confusion_matrix": cm.tolist(), "per_class": per_class}
 
 
@@ -559,6 +580,13 @@ def run(argv=None):
     p.add_argument("--calibrate", action="store_true",
                    help="fit the posterior temperature on the training data's held-out validation texts, store it "
                         "with the checkpoints (calibration.json) and exit; later runs use it")
+    p.add_argument("--novelty", action="store_true",
+                   help="also score how unlike the training texts each text is: its NELBO with the label unknown, "
+                        "nats/token (DiffusionClassifier.novelty)")
+    p.add_argument("--novelty-data", metavar="FILE",
+                   help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, or a folder "
+                        "of .txt): report the AUROC of telling the scored texts from these by novelty and by max posterior "
+                        "(implies --novelty)")
     p.add_argument("--json", help="write the summary and one row per text (id, text, label, prediction, posterior, NELBOs) here")
     args = p.parse_args(argv)
     paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
@@ -566,6 +594,8 @@ def run(argv=None):
         p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
     rank, world, device = init_distributed()
+    if world > 1 and (args.novelty or args.novelty_data):
+        p.error("argument --novelty: runs in one process (not under torchrun)")
     if args.max_draws and args.max_draws % args.mc_samples:
         p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
     try:
@@ -618,12 +648,16 @@ def run(argv=None):
     margin, margin_se = paired_margin(draws)
     post = posteriors(nelbo, temperature)
     pred = post.argmax(1)
+    novelty, novelty_summary = None, None
+    if args.novelty or args.novelty_data:
+        novelty, novelty_summary = score_novelty(clf, args.novelty_data, tokens, post, args)
 
     summary = {"partial": partial, "n_texts": len(texts), "n_texts_asked": total, "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
                "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
                "readout": clf.readout, "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
-               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len}
+               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len,
+               **trained_on(paths[0])}  # what the model learned from: the learning curve's x (plot.py)
     if labels is None:
         summary.update(input=args.input)
         print(f"{len(texts)} texts from --input {args.input}; {summary['windowed_texts']} longer than {max_len} tokens "
@@ -660,17 +694,65 @@ def run(argv=None):
         cal = summary["calibration"]
         print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
               f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; {temperature_source}")
+    if novelty_summary:
+        summary["novelty"] = novelty_summary
+        line = f"novelty (NELBO with the label unknown, nats/token): mean {novelty_summary['mean_nats_per_token']:.4f} over the {len(texts)} texts"
+        if args.novelty_data:
+            auc = novelty_summary["auroc"]
+            line += (f"; {novelty_summary['n_other']} texts of --novelty-data {args.novelty_data}: mean "
+                     f"{novelty_summary['other_mean_nats_per_token']:.4f}; AUROC of telling them apart: novelty "
+                     f"{auc['novelty']:.4f}, max posterior {auc['max_posterior']:.4f}")
+        print(line)
     if args.json:
         summary["texts"] = [{"id": ids[i], "text": texts[i], "label": None if labels is None else names[labels[i]],
                              "pred": names[pred[i]], "posterior": post[i].round(6).tolist(),
                              ("nelbo" if clf.readout == "nelbo" else "neg_log_posterior"): nelbo[i].round(4).tolist(),
                              "margin": round(float(margin[i]), 4),
                              "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
-                             "draws": int(n_draws[i]), "n_tokens": len(tokens[i])} for i in range(len(texts))]
+                             "draws": int(n_draws[i]), "n_tokens": len(tokens[i]),
+                             **({} if novelty is None else {"novelty_nats_per_token": round(float(novelty[i]), 4)})}
+                            for i in range(len(texts))]
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
     if partial:
         written = f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} (marked partial)"
         fail(f"interrupted after {done} of {total} texts{written}", 130)
+
+
+def trained_on(path: str) -> dict:
+    """{"n_labeled", "n_unlabeled"}: the training texts of a checkpoint (config.json; a --labeled-limit
+    checkpoint written before these counts were recorded: its limit, unlabeled None), None if unknown."""
+    meta = read_config(Path(path))[1]
+    limit = meta.get("train_args", {}).get("labeled_limit")
+    return {"n_labeled": meta.get("n_labeled", limit), "n_unlabeled": meta.get("n_unlabeled")}
+
+
+def read_texts(path: str, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list]:
+    """--novelty-data: (texts, ids) of a .jsonl/.csv dataset (data.read_labeled; every row, labels
+    ignored; ids = positions) or, as --input, of a text file or folder (read_input). Raises DataError."""
+    if Path(path).suffix.lower() in (".jsonl", ".csv") and Path(path).is_file():
+        reviews = data.read_labeled(path, text_field, label_field)[0]
+        return [r.text for r in reviews], [r.id for r in reviews]
+    return read_input(path)
+
+
+def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list[list[int]], post: np.ndarray, args) -> tuple[np.ndarray, dict]:
+    """--novelty: the novelty of the scored texts (DiffusionClassifier.novelty), float64 [N] nats/token,
+    and its summary; with other_path (--novelty-data) also those texts' novelty and posteriors, and
+    the AUROC (calibration.auroc) of telling them from the scored texts by the novelty score and by
+    the usual baseline, one minus the max posterior (post: the scored texts' posteriors [N, C])."""
+    novelty = clf.novelty(tokens, progress=True)
+    summary = {"mean_nats_per_token": float(novelty.mean())}
+    if other_path:
+        texts, ids = read_texts(other_path, args.text_field, args.label_field)
+        other_tokens = data.encode(texts)
+        other = clf.novelty(other_tokens, progress=True)
+        other_post = posteriors(np.nanmean(clf.draws(other_tokens, progress=True), -1), clf.temperature)
+        summary.update(data=other_path, n_other=len(texts), other_mean_nats_per_token=float(other.mean()),
+                       auroc={"novelty": calibration.auroc(novelty, other),
+                              "max_posterior": calibration.auroc(-post.max(1), -other_post.max(1))},
+                       other=[{"id": i, "novelty_nats_per_token": round(float(n), 4), "max_posterior": round(float(m), 6),
+                               "n_tokens": len(t)} for i, n, m, t in zip(ids, other, other_post.max(1), other_tokens)])
+    return novelty, summary
 
 
 def text_id(review: data.Review, names: list[str], args) -> str | int:

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,25 +262,36 @@ def train_val_split(reviews: list[Review], val_fraction: float = 0.05, seed: int
     return train, val
 
 
-def balanced_subset(reviews: list[Review], limit: int, seed: int = 0) -> list[Review]:
+def balanced_subset(reviews: list[Review], limit: int, seed: int = 0, flag: str = "--limit") -> list[Review]:
     """`limit` labeled texts, the same number from each of the C classes present, as in shared/data/README.md.
 
     rng = numpy.random.default_rng(seed); classes are drawn from the highest index down (IMDB: pos,
     then neg), each by rng.choice(n_c, limit / C, replace=False) over its texts sorted by id. On
     IMDB (ids 0..n-1 per class), limit 1000 and seed 0 on the test split give subset C.
-    Raises DataError if limit is not a multiple of C or larger than a class allows.
+    Raises DataError (naming `flag`) if limit is not a multiple of C or larger than a class allows.
     """
     labels = sorted({r.label for r in reviews if r.label >= 0}, reverse=True)
     if limit % len(labels):
-        raise DataError(f"--limit {limit}: must be a multiple of the {len(labels)} classes (the same number per class)")
+        raise DataError(f"{flag} {limit}: must be a multiple of the {len(labels)} classes (the same number per class)")
     rng = np.random.default_rng(seed)
     chosen = []
     for label in labels:
         group = sorted((r for r in reviews if r.label == label), key=lambda r: r.id)
         if limit // len(labels) > len(group):
-            raise DataError(f"--limit {limit}: only {len(group)} texts of class {label} in this split")
+            raise DataError(f"{flag} {limit}: only {len(group)} texts of class {label} in this split")
         chosen += [group[i] for i in rng.choice(len(group), limit // len(labels), replace=False)]
     return chosen
+
+
+def labeled_limit(train: list[Review], n: int, seed: int = 0) -> tuple[list[Review], list[Review]]:
+    """Few labels: keep n labeled texts of `train`, n / C per class (balanced_subset with `seed`),
+    and turn every other labeled text into an unlabeled one (label -1; texts already unlabeled stay
+    so). Returns (labeled, unlabeled), the unlabeled in their input order. train.py and baselines.py
+    both call it on train_val_split's train part, so for one seed they train on the same n labels.
+    Raises DataError (--labeled-limit) as balanced_subset."""
+    chosen = balanced_subset(train, n, seed, flag="--labeled-limit")
+    keep = {id(r) for r in chosen}
+    return chosen, [r if r.label < 0 else replace(r, label=-1) for r in train if id(r) not in keep]
 
 
 # ---- tokens -----------------------------------------------------------------------------------

@@ -221,9 +221,10 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     loss_weight(t) * -log p_theta(label | x_t) where it is masked. labels: long [B], 0..C-1, or C for
     an unlabeled text, whose slot is always masked and never scored (it then trains p(text) with
     the label marginalised out). Other arguments as nelbo. Returns float32 [B] (text + slot terms);
-    with disc=True also (see train.step_backward) float32 [B, C], log p_theta(c | x0) at a masked
-    slot with the text clean (label_posterior), from the same forward pass: the B clean copies
-    ride along as B more rows, so the model is called once (as DDP needs). The upper bound is on
+    with disc=True also (see train.step_backward) float32 [B_lab, C], log p_theta(c | x0) at a masked
+    slot with the text clean (label_posterior) for the B_lab labeled texts (labels < C) in batch
+    order, from the same forward pass: their clean copies ride along as B_lab more rows, so the
+    model is called once (as DDP needs). The upper bound is on
     -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one.
     """
     C = model.config.n_classes
@@ -231,11 +232,12 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     slot = torch.where(slot_masked | (labels >= C), C, labels)
     mask_index = model.config.vocab_size - 1
     xt, sigma_in = torch.where(masked, mask_index, x0), model_sigma(model, t)
-    if disc:  # the readout's input: the clean text under a masked slot, no text position scored
-        xt, slot = torch.cat([xt, x0]), torch.cat([slot, torch.full_like(slot, C)])
-        sigma_in = torch.cat([sigma_in, model_sigma(model, torch.zeros_like(t))])
-        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-        output_mask = torch.cat([masked, torch.zeros_like(masked)])
+    if disc:  # the readout's input: the labeled texts clean under a masked slot, no text position scored
+        labeled = labels < C
+        xt, slot = torch.cat([xt, x0[labeled]]), torch.cat([slot, torch.full_like(slot[labeled], C)])
+        sigma_in = torch.cat([sigma_in, model_sigma(model, torch.zeros_like(t[labeled]))])
+        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask[labeled]])
+        output_mask = torch.cat([masked, torch.zeros_like(masked[labeled])])
     else:
         output_mask = masked
     log_p, label_log_p = model(xt, sigma_in, attention_mask, output_mask=output_mask, class_labels=slot,

@@ -11,7 +11,14 @@ Each PATH is recognised by its content:
       per text and class), fixed K joined by a line, each sequential setting its own marker;
   a `classify.py --json` file                            -> <stem>_reliability.png: the reliability diagram of
       the posteriors it reports (accuracy per confidence bin against the diagonal, the bin counts
-      beneath) and their ECE, over the texts that have a label.
+      beneath) and their ECE, over the texts that have a label; with --novelty-data, also
+      <stem>_novelty.png: histograms of the novelty score (nats/token) of its texts and of the others;
+  a `baselines.py --json` file                           -> a point of learning_curve.png.
+learning_curve.png: accuracy (95 % Wilson intervals) against the number of labeled training texts,
+log axis, one line per model: every classify.py JSON whose checkpoint records its labels (train.py
+--labeled-limit), split by whether it trained on unlabeled texts, and every baselines.py JSON
+(several --seed draws of one size: their mean, the interval of one draw). Drawn when there is a
+baselines JSON or two classify points.
 """
 import argparse
 import json
@@ -61,7 +68,10 @@ def read_input(path: str) -> tuple[str, object]:
         return "curve", doc
     if isinstance(doc, dict) and "texts" in doc:
         return "classify", doc
-    raise InputError(f"{path}: not a run folder (log.jsonl), a variance.py --curve JSON or a classify.py --json file")
+    if isinstance(doc, dict) and "models" in doc and "n_train" in doc:
+        return "baselines", doc
+    raise InputError(f"{path}: not a run folder (log.jsonl), a variance.py --curve JSON, a classify.py --json or a "
+                     "baselines.py --json file")
 
 
 def training_series(log: Path) -> dict:
@@ -125,6 +135,61 @@ def reliability(probs: np.ndarray, labels: np.ndarray) -> dict:
                 "ece": ece(probs, labels), "ece_bins": ECE_BINS,
                 "accuracy": np.bincount(bins, correct, BINS) / count,
                 "confidence": np.bincount(bins, confidence, BINS) / count}
+
+
+def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dict:
+    """Series name -> sorted [(labels, accuracy, 95% low, 95% high)]: classify.py JSONs with a
+    known n_labeled (our model; ", no unlabeled texts" when n_unlabeled is 0), and each model of the
+    baselines.py JSONs (the mean accuracy over the JSONs of one size, the Wilson interval of that
+    mean over one test set)."""
+    from calibration import wilson_interval
+    series = {}
+    for doc in classify_docs:
+        if doc.get("n_labeled") is None:
+            continue
+        name = "MDLM, label token" + (", no unlabeled texts" if doc.get("n_unlabeled") == 0 else " + unlabeled texts"
+                                      if doc.get("n_unlabeled") else "")
+        series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
+    runs = {}
+    for doc in baseline_docs:
+        for model, result in doc["models"].items():
+            runs.setdefault((model, doc["n_train"], doc["n_test"]), []).append(result["accuracy"])
+    for (model, n, n_test), accs in runs.items():
+        acc = float(np.mean(accs))
+        series.setdefault(model, []).append((n, acc, *wilson_interval(acc, n_test)))
+    return {name: sorted(points) for name, points in series.items()}
+
+
+def learning_figure(plt, series: dict):
+    """Accuracy against labeled training texts (log axis), one line with 95% error bars per series."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (name, points) in enumerate(series.items()):
+        n, acc, low, high = (np.array(c, dtype=float) for c in zip(*points))
+        ax.errorbar(n, acc, yerr=[acc - low, high - acc], fmt="o-" if name.startswith("MDLM") else "s--", capsize=3,
+                    ms=6, lw=2 if name.startswith("MDLM") else 1, color=f"C{i}", label=name)
+    ax.set_xscale("log")
+    ax.set(xlabel="labeled training texts", ylabel="test accuracy", title="accuracy against labels (95% intervals)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def novelty_figure(plt, doc: dict, name: str):
+    """Histograms of the novelty score (nats/token) of a classify.py --novelty-data JSON's own texts and
+    of the other texts, on shared bins, with both AUROCs in the title."""
+    nov = doc["novelty"]
+    inside = np.array([t["novelty_nats_per_token"] for t in doc["texts"]], dtype=float)
+    other = np.array([t["novelty_nats_per_token"] for t in nov["other"]], dtype=float)
+    bins = np.linspace(min(inside.min(), other.min()), max(inside.max(), other.max()), 41)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.hist(inside, bins, alpha=0.6, density=True, label=f"the scored texts ({len(inside)})")
+    ax.hist(other, bins, alpha=0.6, density=True, label=f"{Path(nov['data']).name} ({len(other)})")
+    auc = nov["auroc"]
+    ax.set(xlabel="novelty: NELBO with the label unknown (nats/token)", ylabel="density",
+           title=f"{name}: novelty AUROC {auc['novelty']:.4f} (max posterior: {auc['max_posterior']:.4f})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def training_figure(plt, runs: list[tuple[str, dict]]):
@@ -202,7 +267,7 @@ def attempt(path: str, action):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs, baselines.py JSONs")
     p.add_argument("--out", default=".", help="folder for the PNGs (default: the current directory)")
     args = p.parse_args(argv)
     plt = pyplot()
@@ -217,6 +282,13 @@ def main(argv=None):
     for path, doc in ((path, doc) for path, kind, doc in inputs if kind == "classify"):
         draw = partial(reliability_figure, plt, doc, Path(path).stem, path)
         figures.append((f"{Path(path).stem}_reliability.png", path, draw))
+        if "other" in doc.get("novelty", {}):
+            figures.append((f"{Path(path).stem}_novelty.png", path, partial(novelty_figure, plt, doc, Path(path).stem)))
+    classified = [doc for _, kind, doc in inputs if kind == "classify"]
+    base = [doc for _, kind, doc in inputs if kind == "baselines"]
+    if base or sum(doc.get("n_labeled") is not None for doc in classified) >= 2:
+        series = attempt("the learning curve's inputs", partial(learning_points, classified, base))
+        figures.append(("learning_curve.png", "the learning curve's inputs", partial(learning_figure, plt, series)))
     if len({name for name, _, _ in figures}) < len(figures):
         sys.exit("error: two inputs of one kind have the same file name stem: their PNGs would overwrite each other")
     attempt(args.out, partial(Path(args.out).mkdir, parents=True, exist_ok=True))

@@ -85,7 +85,7 @@ SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); r
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "disc_weight", "unlabeled", "lr_schedule", "objective", "atat_width",
+              "text_field", "label_field", "disc_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
               "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared; such a
 # state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
@@ -128,9 +128,14 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
                         "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
-    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction, default=False,
-                   help="--class all: also train on the unlabeled texts (IMDB's unsup split), their label slot masked "
-                        "(off by default: at the measured budgets they cost labeled steps and accuracy, docs/label_token.md)")
+    p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
+                   help="--class all, few labels: keep N labeled train texts (N / C per class, drawn with --seed: "
+                        "data.labeled_limit) and train on every other train text as an unlabeled one")
+    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction,
+                   help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, "
+                        "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
+                        "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
+                        "labeled steps and accuracy, docs/label_token.md)")
     p.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
                    help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
                         "to the NELBO (0: purely generative)")
@@ -154,6 +159,13 @@ def parse_args(argv=None):
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
     if not args.disc_weight >= 0:
         p.error(f"argument --disc-weight: must be >= 0, got {args.disc_weight}")
+    if args.cls != "all" and (args.labeled_limit or args.unlabeled):
+        p.error(f"argument --{'labeled-limit' if args.labeled_limit else 'unlabeled'}: applies to --class all (one joint "
+                "model over (label, text)); a class model trains on its own class's labeled texts")
+    if args.unlabeled is None:  # stored resolved: --resume compares what ran
+        args.unlabeled = args.labeled_limit is not None
+    if args.unlabeled and args.batch_size < 2:
+        p.error("argument --batch-size: 1, but labeled and unlabeled texts share every micro-batch half and half (--unlabeled); pass 2 or more")
     if args.objective == "atat" and args.cls == "all":
         p.error("argument --objective atat: applies to one model per class (--class N); --class all trains the NELBO of (label, text)")
     if not 0 <= args.atat_phases[0] <= args.atat_phases[1] <= 1:
@@ -181,6 +193,22 @@ def class_index(name: str, classes: list[str]) -> int | None:
     if name.isdigit() and int(name) < len(classes):
         return int(name)
     raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
+
+
+def training_texts(args, reviews: list[data.Review], cls: int | None) -> tuple[list[data.Review], list[data.Review]]:
+    """(train, val) from the train split's texts: val is 5 % of each class (data.train_val_split, seed
+    0: the same held-out set for every run); train is the rest, of class cls only (a class model),
+    or (cls None) its --labeled-limit labeled texts (data.labeled_limit with --seed), then, with
+    --unlabeled, the texts whose labels that drops and the data's unlabeled rows (label -1)."""
+    train, val = data.train_val_split(reviews)
+    if cls is not None:
+        return [r for r in train if r.label == cls], val
+    dropped = []
+    if args.labeled_limit:
+        train, dropped = data.labeled_limit(train, args.labeled_limit, args.seed)
+    if args.unlabeled:
+        train = train + dropped + data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
+    return train, val
 
 
 def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
@@ -288,10 +316,9 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
                 masked = diffusion.mask_positions(t, attention_mask, u=part.u)
                 slot_masked = part.slot_u < diffusion.move_chance(t)
                 out = diffusion.joint_nelbo(model, x0, t, masked, attention_mask, labels, slot_masked, disc=disc_weight > 0)
-                if disc_weight > 0:
+                if disc_weight > 0:  # the readout of the labeled texts only
                     out, readout = out
-                    labeled = labels < readout.shape[1]
-                    ce = torch.where(labeled, -readout.gather(1, labels.clamp(max=readout.shape[1] - 1)[:, None])[:, 0], 0.0)
+                    ce = -readout.gather(1, labels[labels < readout.shape[1]][:, None])
                     disc = ce.sum() / max(step_labeled, 1)
                     disc_loss = disc.detach().double() + (0.0 if disc_loss is None else disc_loss)
                 nats = out.sum() / step_tokens
@@ -312,6 +339,36 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
             (total * world).backward()
         loss += nats.detach()
     return loss, est_loss, disc_loss
+
+
+class MicroBatches:
+    """Which texts micro-batch m holds: MicroBatches(...)(m) -> list of indices into the training texts.
+
+    Batches group texts of similar length (data.length_batches), reshuffled every epoch, so what m
+    holds depends only on m and the seed (a resumed run sees the same batches). With labeled and
+    unlabeled texts together (unlabeled: bool [N]), each micro-batch is ceil(B / 2) labeled texts and
+    floor(B / 2) unlabeled ones, each pool in its own epochs: a few hundred labels among 75,000
+    unlabeled texts still reach every step's discriminative term. Otherwise batches of B from one
+    pool, seeded as before the pools existed."""
+
+    def __init__(self, lengths: list[int], unlabeled: np.ndarray, batch_size: int, seed: int):
+        if unlabeled.any() and not unlabeled.all():
+            self.pools = [(np.flatnonzero(~unlabeled), batch_size - batch_size // 2, 1),
+                          (np.flatnonzero(unlabeled), batch_size // 2, 2)]
+        else:
+            self.pools = [(np.arange(len(lengths)), batch_size, None)]
+        self.lengths, self.seed, self.epochs = lengths, seed, {}  # pool -> (epoch, its batches)
+
+    def __call__(self, m: int) -> list[int]:
+        batch = []
+        for p, (members, size, stream) in enumerate(self.pools):
+            n_batches = -(-len(members) // size)
+            epoch = m // n_batches
+            if self.epochs.get(p, (None,))[0] != epoch:
+                rng = np.random.default_rng([self.seed, epoch] + ([] if stream is None else [stream]))
+                self.epochs[p] = epoch, data.length_batches([self.lengths[i] for i in members], size, rng)
+            batch += [int(members[i]) for i in self.epochs[p][1][m % n_batches]]
+        return batch
 
 
 def lr_at(step: int, args) -> float:
@@ -369,7 +426,7 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
     if args.cls != "all":  # nor do the joint model's a class model
-        unknown += ["disc_weight", "unlabeled"]
+        unknown += ["disc_weight", "unlabeled", "labeled_limit"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -438,12 +495,8 @@ def train(args, stop: list):
     if len(classes) == 1 and rank == 0:  # trains fine, but nothing can be classified against it
         print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
               "two classes (a model per class, or --class all)", file=sys.stderr)
-    train, val = data.train_val_split(reviews)  # fixed seed: the same held-out set for every run
+    train, val = training_texts(args, reviews, cls)
     n_classes = len(classes) if cls is None else 0  # --class all: one joint model over (label, text)
-    if cls is not None:
-        train = [r for r in train if r.label == cls]
-    elif args.unlabeled:
-        train += data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
     labels = range(len(classes)) if cls is None else [cls]
     name = "all" if cls is None else classes[cls]
     if not train:
@@ -477,6 +530,7 @@ def train(args, stop: list):
     counts = np.bincount([r.label for r in train if r.label >= 0], minlength=len(classes))
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
+            "n_labeled": int(counts.sum()), "n_unlabeled": int((text_labels == n_classes).sum()) if n_classes else 0,
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     last_saved = step if args.resume else None
@@ -537,15 +591,8 @@ def train(args, stop: list):
         record = validate()
         if rank == 0:
             log.write(json.dumps({"step": 0, **record}) + "\n")
-    n_batches = len(data.length_batches(lengths, args.batch_size))
-    shuffles = {}  # epoch -> its batches: what micro-batch m holds depends only on m and --seed
-
-    def batch_of(m: int) -> list[int]:
-        epoch = m // n_batches
-        if epoch not in shuffles:
-            shuffles.clear()
-            shuffles[epoch] = data.length_batches(lengths, args.batch_size, np.random.default_rng([args.seed, epoch]))
-        return shuffles[epoch][m % n_batches]
+    unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
+    batch_of = MicroBatches(lengths, unlabeled, args.batch_size, args.seed)
 
     mine = range(rank, args.grad_accum, world)  # this process's micro-batches of every step: a distinct shard
     bar = progress(args.max_steps, "training", "step", disable=rank > 0, initial=step)

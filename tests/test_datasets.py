@@ -143,6 +143,19 @@ def test_three_languages_are_learned_from_a_jsonl_file(toy, capsys):
     assert "animals" in capsys.readouterr().out
 
 
+def test_novelty_of_class_models_is_the_mixture_bound_over_classes(toy):
+    _, _, ckpts = toy
+    clf = DiffusionClassifier.from_checkpoints(ckpts, device="cpu", mc_samples=4)
+    rows = make_languages(4, seed=3)
+    tokens = data.encode([r["text"] for r in rows] + ["table chair lamp desk sofa shelf table lamp"])
+    novelty = clf.novelty(tokens)
+    nelbo = classify.score_draws(clf.models, tokens, 4, clf.seed, 16, "cpu").mean(-1) / np.array([len(t) for t in tokens])[:, None]
+    n = np.array([len(t) for t in tokens])
+    # -log sum_c exp(-NELBO_c) / C lies between the best class's NELBO and it plus log C (same draws)
+    assert np.all(novelty >= nelbo.min(1) - 1e-9) and np.all(novelty <= nelbo.min(1) + np.log(3) / n + 1e-9)
+    assert novelty[-1] > novelty[:-1].max()  # an unseen vocabulary: more novel than every in-domain text
+
+
 def test_python_api_predicts_names_deterministically(toy):
     _, _, ckpts = toy
     clf = DiffusionClassifier.from_checkpoints(ckpts, device="cpu", mc_samples=2)

@@ -194,10 +194,39 @@ def test_cli_errors_without_traceback(tmp_path):
     result = run_script("plot.py", tmp_path / "notes.txt", "--out", tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'notes.txt'}: not a run folder (log.jsonl), " \
-                                    "a variance.py --curve JSON or a classify.py --json file"
+                                    "a variance.py --curve JSON, a classify.py --json or a baselines.py --json file"
     # matplotlib not installed: an import of it fails
     hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     result = run_script("plot.py", tmp_path / "notes.txt", launcher=("-c", hide))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: plot.py needs matplotlib: pip install matplotlib"
+
+
+def baseline_doc(n, seed, acc):
+    return {"n_train": n, "n_test": 1000, "labeled_limit": n, "seed": seed, "models": {"NB-LR": {"accuracy": acc}}}
+
+
+def test_learning_curve_points_and_figure(tmp_path, plt):
+    ours = [{"texts": [], "n_labeled": 500, "n_unlabeled": 74000, "accuracy": 0.8, "accuracy_ci95": [0.77, 0.82]},
+            {"texts": [], "n_labeled": 100, "n_unlabeled": 74000, "accuracy": 0.7, "accuracy_ci95": [0.67, 0.73]},
+            {"texts": [], "n_labeled": 500, "n_unlabeled": 0, "accuracy": 0.75, "accuracy_ci95": [0.72, 0.78]},
+            {"texts": [], "n_labeled": None, "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]}]  # labels unknown: left out
+    base = [baseline_doc(100, 0, 0.70), baseline_doc(100, 1, 0.74), baseline_doc(500, 0, 0.82)]
+    series = plot.learning_points(ours, base)
+    assert series["MDLM, label token + unlabeled texts"] == [(100, 0.7, 0.67, 0.73), (500, 0.8, 0.77, 0.82)]  # sorted by labels
+    assert series["MDLM, label token, no unlabeled texts"] == [(500, 0.75, 0.72, 0.78)]
+    (n, acc, low, high), second = series["NB-LR"]
+    assert (n, acc) == (100, pytest.approx(0.72)) and low < 0.72 < high and second[:2] == (500, 0.82)  # seeds averaged
+    fig = plot.learning_figure(plt, series)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and len(ax.get_legend().get_texts()) == 3
+    for path, doc in (("ours.json", ours[0]), ("ours2.json", ours[1]), ("base.json", base[0])):
+        (tmp_path / path).write_text(json.dumps(doc))
+    result = run_script("plot.py", tmp_path / "ours.json", tmp_path / "ours2.json", tmp_path / "base.json", "--out", tmp_path / "png",
+                        env={"MPLBACKEND": "Agg"})
+    # classify JSONs without labeled texts cannot give a reliability diagram: the one-line error names the file
+    assert result.returncode == 1 and "ours.json" in result.stderr and "Traceback" not in result.stderr
+    result = run_script("plot.py", tmp_path / "base.json", "--out", tmp_path / "png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "png" / "learning_curve.png").read_bytes().startswith(PNG)
