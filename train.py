@@ -481,16 +481,50 @@ def main(argv=None):
             signal.signal(s, h)
 
 
-def train(args, stop: list):
-    out = Path(args.out)
-    if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
-        fail(f"error: --out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
+@dataclasses.dataclass
+class Run:
+    """What a training run holds between its steps (set_up makes it). tokens: the training texts'
+    GPT-2 ids; text_labels: long [N], each text's label (n_classes for an unlabeled one); val_tokens
+    and val_labels: the held-out texts validate scores; ddp / est_ddp: the DiT and the ATAT
+    estimator as the step runs them (DDP-wrapped under torchrun, else the modules themselves)."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: str
+    model: DiT
+    ema: DiT
+    opt: torch.optim.Optimizer
+    estimator: torch.nn.Module | None
+    ddp: torch.nn.Module
+    est_ddp: torch.nn.Module | None
+    tokens: list
+    text_labels: torch.Tensor
+    n_classes: int
+    classes: list
+    val_tokens: list
+    val_labels: np.ndarray
+    prior: list | None
+    meta: dict
+    batches: MicroBatches
+    step: int = 0
+    last_saved: int | None = None
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    def intact(self) -> str:
+        return (f"the last checkpoint in {self.args.out} (step {self.last_saved}) is intact" if self.last_saved is not None
+                else "no checkpoint was written")
+
+
+def set_up(args, texts: tuple[list, list] | None = None) -> Run:
+    """Processes, data, model, EMA, optimizer, and --resume's state: a Run at its first step to take.
+    texts: (reviews, class names) to train on (DiffusionClassifier.fit), else --data's train split."""
     rank, world, device = init_distributed()
     args.grad_accum = args.grad_accum or world  # stored resolved: --resume compares what ran
     if args.grad_accum % world:
         fail(f"error: --grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
              f"(each runs grad-accum / {world} micro-batches per step)")
-    reviews, classes = data.load_dataset(args.data, "train", args.text_field, args.label_field)
+    reviews, classes = texts or data.load_dataset(args.data, "train", args.text_field, args.label_field)
     cls = class_index(args.cls, classes)
     if len(classes) == 1 and rank == 0:  # trains fine, but nothing can be classified against it
         print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
@@ -529,11 +563,11 @@ def train(args, stop: list):
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     counts = np.bincount([r.label for r in train if r.label >= 0], minlength=len(classes))
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
+    unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
-            "n_labeled": int(counts.sum()), "n_unlabeled": int((text_labels == n_classes).sum()) if n_classes else 0,
+            "n_labeled": int(counts.sum()), "n_unlabeled": int(unlabeled.sum()),
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
-    last_saved = step if args.resume else None
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
         # an adaptive head's tail cluster gets no gradient in a micro-batch with no target in it
         device_ids = None if device == "cpu" else [torch.cuda.current_device()]
@@ -544,137 +578,175 @@ def train(args, stop: list):
                                                                          process_group=dist.new_group())
     else:
         ddp, est_ddp = model, estimator
-    n_params = sum(p.numel() for p in model.parameters())
-    n_long = sum(len(ids) > max_len for ids in tokens)
     if rank == 0:
-        kind = f"joint over (label, text), {int((text_labels == n_classes).sum())} unlabeled texts" if n_classes else "one class"
+        n_params = sum(p.numel() for p in model.parameters())
+        n_long = sum(len(ids) > max_len for ids in tokens)
+        kind = f"joint over (label, text), {int(unlabeled.sum())} unlabeled texts" if n_classes else "one class"
         print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
+    return Run(args, rank, world, device, model, ema, opt, estimator, ddp, est_ddp, tokens, text_labels, n_classes, classes,
+               val_tokens, val_labels, prior, meta, MicroBatches(lengths, unlabeled, args.batch_size, args.seed),
+               step, step if args.resume else None)
 
-    def validate():
-        n_val_tokens = sum(len(ids) for ids in val_tokens)
-        show_bar = rank == 0 and sys.stderr.isatty()  # its own progress bar only on a terminal: in a log, the step's line says it all
-        if not n_classes:
-            nats = float(score_texts([ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                                     progress=show_bar).sum() / n_val_tokens)
-            record = {"val_nats_per_token": nats}
-        else:  # every held-out text under every class and under "no class", with the same draws
-            n = score_texts([ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=device,
-                            class_labels=list(range(n_classes + 1)), progress=show_bar)
-            own = n[np.arange(len(n)), val_labels]
-            nats = float(own.sum() / n_val_tokens)
-            log_post = score_posterior(ema, val_tokens, args.batch_size, device, np.log(np.maximum(prior, 1e-12)), progress=show_bar)
-            by_nelbo, by_posterior = n[:, :n_classes].argmin(1), log_post.argmax(1)
-            record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
-                      "val_accuracy": float(np.mean(by_nelbo == val_labels)),
-                      "val_accuracy_posterior": float(np.mean(by_posterior == val_labels)),
-                      "val_readout_agreement": float(np.mean(by_nelbo == by_posterior))}
-            for c in labels:
-                inside = val_labels == c
-                record[f"val_nats_per_token_{classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
-        if not math.isfinite(nats):
-            fail(f"error: validation NELBO is {nats} at step {step}; not saved, {intact()}")
-        return {**record, "val_ppl_bound": math.exp(nats)}
 
-    def intact():
-        return f"the last checkpoint in {out} (step {last_saved}) is intact" if last_saved is not None else "no checkpoint was written"
+def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
+    """One optimizer step: this process's micro-batches drawn (MicroBatch: windows, t, masks, from
+    diffusion.draw_seed of the micro-batch index alone), forward and backward (step_backward), the
+    losses and the stop request agreed by every process, grad-norm clipping at 1, AdamW, the EMA.
+    Returns (the step's log record, whether a signal asks to stop); exits, before the update, on a
+    loss or gradient that is not finite."""
+    args, device, step = run.args, run.device, run.step
+    t0 = time.perf_counter()
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(step, args) * group["lr_scale"]
+    plan = [run.batches(step * args.grad_accum + j) for j in range(args.grad_accum)]
+    lengths, max_len = run.batches.lengths, run.model.config.model_length
+    n_tokens = sum(lengths[i] for idx in plan for i in idx)  # the step's real tokens, on every process
+    parts = []
+    for j in range(run.rank, args.grad_accum, run.world):  # this process's micro-batches: a distinct shard
+        m = step * args.grad_accum + j  # global micro-batch index
+        idx = plan[j]
+        seed = diffusion.draw_seed(args.seed, m)
+        g = torch.Generator().manual_seed(seed)  # windows, t, masks
+        t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
+        x0, attention_mask = data.collate([data.crop(run.tokens[i], max_len, g) for i in idx])
+        u = torch.rand(attention_mask.shape, generator=g)  # masks where u < the masking rate (step_backward)
+        attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
+        y = slot_u = None
+        if run.n_classes:  # the label slot's label (n_classes: unlabeled) and its uniform
+            y, slot_u = run.text_labels[idx].to(device), torch.rand(len(idx), generator=g).to(device)
+        parts.append(MicroBatch(seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
+                                t.to(device), u.to(device), y, slot_u))
+    atat_step = None
+    if run.estimator is not None:
+        tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
+        atat_step = AtatStep(run.est_ddp, tilt, args.atat_estimator_weight)
+    n_labeled = int(sum((run.text_labels[idx] < run.n_classes).sum() for idx in plan)) if run.n_classes else 0
+    loss_sum, est_loss, disc_loss = step_backward(run.ddp, parts, n_tokens, run.world, atat_step, args.disc_weight, n_labeled)
+    # one all-reduce for what every rank must agree on: the step's losses and whether to stop
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop),
+                          zero if disc_loss is None else disc_loss])
+    if run.world > 1:
+        dist.all_reduce(agreed)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
+    est_norm = zero if run.estimator is None else torch.nn.utils.clip_grad_norm_(run.estimator.parameters(), 1.0)
+    # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
+    loss_sum, est_loss, stopping, disc_sum, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
+    if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm, disc_sum))):
+        fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
+             f"{est_norm:.4g}" if run.estimator is not None else "") + f" at step {step + 1}; stopped before the update, {run.intact()}")
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    ema_update(run.ema, run.model, step, args.ema_decay)
+    run.step += 1
+    run.train_seconds += time.perf_counter() - t0
+    run.tokens_seen += n_tokens
+    record = {"step": run.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step, args),
+              "tokens_per_s": run.tokens_seen / run.train_seconds}
+    if run.estimator is not None:
+        record.update(tilt=tilt, estimator_loss=est_loss, estimator_grad_norm=est_norm)
+    if disc_loss is not None:
+        record.update(disc_loss=disc_sum)
+    return record, bool(stopping)
 
-    log = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for junk in [*out.glob("*.tmp"), *out.glob(".tmp*")]:  # left by a save that was killed (ours, safetensors')
-            junk.unlink()
-        cut_log(out / "log.jsonl", step if args.resume else -1)  # a new run: a new log
-        log = open(out / "log.jsonl", "a")
-    if step == 0:
-        record = validate()
-        if rank == 0:
+
+def validate(run: Run) -> dict:
+    """The EMA model on the held-out texts: the text's NELBO (nats/token, 2 draws, seed 1) under its
+    own class; a joint model also under "no class" and per class, and the accuracy of both readouts
+    (the posterior, and Bayes rule over the class NELBOs). Exits on a NELBO that is not finite."""
+    args, val_tokens, n_classes = run.args, run.val_tokens, run.n_classes
+    n_val_tokens = sum(len(ids) for ids in val_tokens)
+    show_bar = run.rank == 0 and sys.stderr.isatty()  # its own progress bar only on a terminal: in a log, the step's line says it all
+    if not n_classes:
+        nats = float(score_texts([run.ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=run.device,
+                                 progress=show_bar).sum() / n_val_tokens)
+        record = {"val_nats_per_token": nats}
+    else:  # every held-out text under every class and under "no class", with the same draws
+        n = score_texts([run.ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=run.device,
+                        class_labels=list(range(n_classes + 1)), progress=show_bar)
+        own = n[np.arange(len(n)), run.val_labels]
+        nats = float(own.sum() / n_val_tokens)
+        log_post = score_posterior(run.ema, val_tokens, args.batch_size, run.device, np.log(np.maximum(run.prior, 1e-12)),
+                                   progress=show_bar)
+        by_nelbo, by_posterior = n[:, :n_classes].argmin(1), log_post.argmax(1)
+        record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
+                  "val_accuracy": float(np.mean(by_nelbo == run.val_labels)),
+                  "val_accuracy_posterior": float(np.mean(by_posterior == run.val_labels)),
+                  "val_readout_agreement": float(np.mean(by_nelbo == by_posterior))}
+        for c in sorted(set(run.val_labels.tolist())):
+            inside = run.val_labels == c
+            record[f"val_nats_per_token_{run.classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
+    if not math.isfinite(nats):
+        fail(f"error: validation NELBO is {nats} at step {run.step}; not saved, {run.intact()}")
+    return {**record, "val_ppl_bound": math.exp(nats)}
+
+
+def report(record: dict) -> str:
+    """The line a validation prints."""
+    extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
+    accuracy = (f", val accuracy {record['val_accuracy_posterior']:.4f} posterior / {record['val_accuracy']:.4f} "
+                f"nelbo (agree {record['val_readout_agreement']:.2f})") if "val_accuracy" in record else ""
+    return (f"step {record['step']}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
+            f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {record['tokens_per_s']:.0f} tokens/s")
+
+
+def open_log(run: Run):
+    """Rank 0's log.jsonl, opened to append: a new run starts it afresh; --resume cuts it back to its
+    checkpoint (what came after, before a kill, is redone). Also removes the temporary files of a save
+    that was killed. None on other ranks."""
+    if run.rank > 0:
+        return None
+    out = Path(run.args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for junk in [*out.glob("*.tmp"), *out.glob(".tmp*")]:  # left by a save that was killed (ours, safetensors')
+        junk.unlink()
+    cut_log(out / "log.jsonl", run.step if run.args.resume else -1)
+    return open(out / "log.jsonl", "a")
+
+
+def train(args, stop: list, texts: tuple[list, list] | None = None) -> Run:
+    """The loop: set up, validate the starting weights, then optimizer steps, validating and saving a
+    checkpoint every --eval-every steps and at the last; a signal (stop) saves and exits. texts: as set_up.
+    Returns the finished Run (its .ema is the trained model)."""
+    out = Path(args.out)
+    if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
+        fail(f"error: --out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
+    run = set_up(args, texts)
+    log = open_log(run)
+    if run.step == 0:
+        record = validate(run)
+        if log:
             log.write(json.dumps({"step": 0, **record}) + "\n")
-    unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
-    batch_of = MicroBatches(lengths, unlabeled, args.batch_size, args.seed)
-
-    mine = range(rank, args.grad_accum, world)  # this process's micro-batches of every step: a distinct shard
-    bar = progress(args.max_steps, "training", "step", disable=rank > 0, initial=step)
-    tokens_seen, train_seconds = 0, 0.0
-    while step < args.max_steps:
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args) * group["lr_scale"]
-        plan = [batch_of(step * args.grad_accum + j) for j in range(args.grad_accum)]
-        n_tokens = sum(lengths[i] for idx in plan for i in idx)  # the step's real tokens, on every process
-        parts = []
-        for j in mine:
-            m = step * args.grad_accum + j  # global micro-batch index
-            idx = plan[j]
-            seed = diffusion.draw_seed(args.seed, m)
-            g = torch.Generator().manual_seed(seed)  # windows, t, masks, label dropout
-            t = diffusion.antithetic_t(len(idx), g)  # drawn on the CPU, then moved: no device-to-host copy
-            x0, attention_mask = data.collate([data.crop(tokens[i], max_len, g) for i in idx])
-            u = torch.rand(attention_mask.shape, generator=g)  # masks where u < the masking rate (step_backward)
-            attention_mask = None if attention_mask.all() else attention_mask  # checked on the CPU: no device sync
-            y = slot_u = None
-            if n_classes:  # the label slot's label (n_classes: unlabeled) and its uniform
-                y, slot_u = text_labels[idx].to(device), torch.rand(len(idx), generator=g).to(device)
-            parts.append(MicroBatch(seed, x0.to(device), None if attention_mask is None else attention_mask.to(device),
-                                    t.to(device), u.to(device), y, slot_u))
-        atat_step = None
-        if estimator is not None:
-            tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
-            atat_step = AtatStep(est_ddp, tilt, args.atat_estimator_weight)
-        n_labeled = int(sum((text_labels[idx] < n_classes).sum() for idx in plan)) if n_classes else 0
-        loss_sum, est_loss, disc_loss = step_backward(ddp, parts, n_tokens, world, atat_step, args.disc_weight, n_labeled)
-        # one all-reduce for what every rank must agree on: the step's losses and whether to stop
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop),
-                              zero if disc_loss is None else disc_loss])
-        if world > 1:
-            dist.all_reduce(agreed)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
-        est_norm = zero if estimator is None else torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
-        # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-        loss_sum, est_loss, stopping, disc_sum, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
-        if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm, disc_sum))):
-            fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
-                 f"{est_norm:.4g}" if estimator is not None else "") + f" at step {step + 1}; stopped before the update, {intact()}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, model, step, args.ema_decay)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        tokens_seen += n_tokens
-        rate = tokens_seen / train_seconds
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:.0f}")
+    bar = progress(args.max_steps, "training", "step", disable=run.rank > 0, initial=run.step)
+    while run.step < args.max_steps:
+        record, stopping = optimizer_step(run, stop)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
-        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step - 1, args), "tokens_per_s": rate}
-        if estimator is not None:
-            record.update(tilt=tilt, estimator_loss=est_loss, estimator_grad_norm=est_norm)
-        if disc_loss is not None:
-            record.update(disc_loss=disc_sum)
-        checkpoint = stopping or step % args.eval_every == 0 or step == args.max_steps
+        checkpoint = stopping or run.step % args.eval_every == 0 or run.step == args.max_steps
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
-            record.update(validate())
-            if rank == 0:
-                extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
-                accuracy = (f", val accuracy {record['val_accuracy_posterior']:.4f} posterior / {record['val_accuracy']:.4f} "
-                            f"nelbo (agree {record['val_readout_agreement']:.2f})") if "val_accuracy" in record else ""
-                bar.write(f"step {step}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
-                          f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {rate:.0f} tokens/s")
-        if rank == 0:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing
+            record.update(validate(run))
+            if log:
+                bar.write(report(record))
+        if log:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing
             log.write(json.dumps(record) + "\n")
             log.flush()
         if checkpoint:
-            if rank == 0:
-                save(args, model, ema, opt, step, meta, estimator)
-            last_saved = step
+            if run.rank == 0:
+                save(args, run.model, run.ema, run.opt, run.step, run.meta, run.estimator)
+            run.last_saved = run.step
         if stopping:
             signum = stop[0] if stop else signal.SIGTERM
-            if rank == 0:
-                print(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved in {out}; "
+            if run.rank == 0:
+                print(f"stopped by {signal.Signals(signum).name} after step {run.step}: checkpoint saved in {out}; "
                       "continue with --resume", file=sys.stderr)
             raise SystemExit(128 + signum)
     bar.close()
+    if log:
+        log.close()
+    return run
 
 
 if __name__ == "__main__":
