@@ -29,7 +29,6 @@ below 2,000 labels (at 2, most n-grams of a few hundred texts would be dropped).
 and the AUROC of telling FILE's texts (classify.read_texts) from the test texts by it
 (calibration.auroc), the baseline for classify.py --novelty-data.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from sklearn.pipeline import make_pipeline
 import calibration
 import data
 from classify import read_texts
-from cli import HelpFormatter
+from cli import ArgumentParser
 from bench import print_table
 
 TOKEN_PATTERN = r"(?u)\b\w+(?:'\w+)?\b|[!?]"  # words, words with an inner apostrophe, ! and ?
@@ -109,7 +108,7 @@ def training_reviews(path: str | None, labeled_limit: int | None = None, seed: i
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
     p.add_argument("--tokens", choices=["words", "bpe"], default="words",

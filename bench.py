@@ -25,7 +25,6 @@ sequential default: rounds of 2 up to 8 draws) against the one-pass posterior re
 Peak memory: torch.cuda.max_memory_allocated on CUDA (reset before each row); on CPU the process's
 max RSS (getrusage), which only grows during the run. Warm-up runs are not timed.
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -41,7 +40,7 @@ import torch
 
 import classify
 import data
-from cli import HelpFormatter
+from cli import ArgumentParser
 import diffusion
 import model as dit
 import train
@@ -395,7 +394,7 @@ def readout_table(cfg: DiTConfig, device, args, tokens, rank, report) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", nargs="+", choices=PRESETS, help="model sizes (default: small on CUDA, tiny on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU, in TFLOP/s (default: known GPUs' dense bf16; "

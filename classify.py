@@ -38,7 +38,6 @@ NELBO under every class, and the margin (NELBO of the second-best class minus th
 with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
 "partial": true, and exits with status 130.
 """
-import argparse
 import json
 import sys
 import time
@@ -49,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 import calibration
-from cli import HelpFormatter, add_scoring_args, fail, init_distributed, run_cli
+from cli import ArgumentParser, add_scoring_args, fail, init_distributed, run_cli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
@@ -57,6 +56,7 @@ from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
+CALIBRATION_TEXTS = 200  # --calibrate's default for the NELBO readout (IMDB, 2 class models, CPU: about a minute)
 SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C to keep the results so far
 
 
@@ -540,9 +540,17 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     share (score_draws); rank 0 fits and writes."""
     reviews, data_names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     val = data.train_val_split(reviews)[1]
-    val = data.balanced_subset(val, args.limit) if args.limit else val
     if data_names != clf.classes:
         raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, the checkpoints' are {', '.join(clf.classes)}")
+    # by default about a minute on a CPU: every held-out text in one pass each (posterior), a few hundred with draws (nelbo)
+    limit = args.limit or (None if clf.readout == "posterior" else CALIBRATION_TEXTS // len(data_names) * len(data_names))
+    if args.limit:
+        val = data.balanced_subset(val, args.limit)
+    elif limit and limit < len(val) and min(np.bincount([r.label for r in val])) >= limit // len(data_names):
+        val = data.balanced_subset(val, limit)
+    if rank == 0:
+        print(f"--calibrate: scoring {len(val)} held-out validation texts ({clf.readout} readout"
+              + ("" if args.limit or clf.readout == "posterior" else f"; --limit N scores more") + ")", file=sys.stderr)
     labels = np.array([r.label for r in val])
     scores = -clf.score(data.encode([r.text for r in val]), progress=True)
     if rank > 0:
@@ -564,9 +572,9 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
 
 
 def run(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt0", help="checkpoint folder of class 0 (negative)")
-    p.add_argument("--ckpt1", help="checkpoint folder of class 1 (positive)")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--ckpt0", help="checkpoint folder of class 0's model (IMDB: neg)")
+    p.add_argument("--ckpt1", help="checkpoint folder of class 1's model (IMDB: pos)")
     p.add_argument("--ckpt", action="append", default=[],
                    help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
     add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
@@ -578,7 +586,8 @@ def run(argv=None):
                    "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
                    "(per-class models' only readout)")
     p.add_argument("--calibrate", action="store_true",
-                   help="fit the posterior temperature on the training data's held-out validation texts, store it "
+                   help="fit the posterior temperature on the training data's held-out validation texts (--limit N of "
+                        f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), store it "
                         "with the checkpoints (calibration.json) and exit; later runs use it")
     p.add_argument("--novelty", action="store_true",
                    help="also score how unlike the training texts each text is: its NELBO with the label unknown, "

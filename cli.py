@@ -25,6 +25,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line that points to --help (not a usage block)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def fail(message: str, status: int = 1):
     """Exit with a one-line error on stderr (no traceback). Under torchrun every rank meets the same
     error; rank 0 says it."""

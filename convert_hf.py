@@ -7,7 +7,6 @@ error, and the stored rotary `inv_freq` must equal the one the config implies.
 
     python convert_hf.py --repo kuleshov-group/mdlm-owt-noeos --out ckpt/base
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -17,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import HelpFormatter
+from cli import ArgumentParser
 from model import DiT, DiTConfig
 
 DEFAULT_REPO = "kuleshov-group/mdlm-owt-noeos"  # the bd3lms README spells it mdlm-noeos-owt
@@ -175,7 +174,7 @@ def save_checkpoint(state_dict: dict, cfg: DiTConfig, folder: str | Path, extra:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--repo", default=DEFAULT_REPO, help="hub repo id or local snapshot folder")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     args = p.parse_args()

@@ -170,6 +170,15 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     return {"train": train, "test": test, "unsup": [r for r in reviews if r.label < 0]}[split], names
 
 
+def check_source(path: str | None) -> None:
+    """Raise DataError unless the data at `path` (--data) can be had: a file or folder that exists,
+    or (None / IMDB) load_imdb's tarball, downloaded here if it is not yet (imdb_path)."""
+    if path is not None and not os.path.exists(path):
+        raise DataError(f"--data {path}: no such file or folder")
+    if path is None or _is_imdb(Path(path)):
+        imdb_path(path)
+
+
 def _is_imdb(path: Path) -> bool:
     """An aclImdb folder (or one holding it), or a file that is not .jsonl/.csv (the tarball)."""
     if path.is_file():

@@ -16,7 +16,6 @@ model_length is scored whole, as the sum of the NELBOs of its disjoint windows (
     python eval.py --ckpt ckpt/neg --ckpt ckpt/pos --split test --limit 1000 --mc-samples 4 --json ppl.json
     python eval.py --ckpt ckpt/pos --input my_texts.txt --mc-samples 16
 """
-import argparse
 import json
 import math
 import sys
@@ -28,7 +27,7 @@ import torch
 
 import data
 from classify import ESTIMATORS, labeled_texts, read_input, score_texts
-from cli import HelpFormatter, add_scoring_args, run_cli
+from cli import ArgumentParser, add_scoring_args, run_cli
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 
@@ -66,7 +65,7 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
     add_scoring_args(p, mc_samples=4, estimators=ESTIMATORS)
     p.add_argument("--json", help="write the table and per-text NELBOs here")

@@ -20,7 +20,6 @@ log axis, one line per model: every classify.py JSON whose checkpoint records it
 (several --seed draws of one size: their mean, the interval of one draw). Drawn when there is a
 baselines JSON or two classify points.
 """
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,8 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from cli import ArgumentParser
 
 SMOOTH = 25  # steps in the running mean of the training loss: one step's loss is one batch's, noisy
 BINS = 15  # reliability bins over [1/C, 1], as many as the ECE's (calibration.ECE_BINS)
@@ -266,7 +267,7 @@ def attempt(path: str, action):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs, baselines.py JSONs")
     p.add_argument("--out", default=".", help="folder for the PNGs (default: the current directory)")
     args = p.parse_args(argv)

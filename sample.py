@@ -21,7 +21,7 @@ import time
 import torch
 
 import data
-from cli import HelpFormatter, run_cli
+from cli import ArgumentParser, run_cli
 from convert_hf import CheckpointError, load_hf
 from diffusion import masked_log_probs, model_sigma, move_chance
 from model import set_runtime
@@ -180,7 +180,7 @@ GPT2_VOCAB = 50257  # tiktoken "gpt2" ids 0..50256; the model adds the mask toke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
     p.add_argument("--num-samples", type=data.positive(), default=1)
     p.add_argument("--steps", type=data.positive(), default=1000, help="reverse steps T (model calls without --cache)")

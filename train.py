@@ -72,8 +72,8 @@ import atat
 import data
 import diffusion
 from classify import score_posterior, score_texts
-from cli import HelpFormatter, fail, init_distributed, progress, run_cli
-from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, save_checkpoint
+from cli import ArgumentParser, fail, init_distributed, progress, run_cli
+from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
@@ -95,39 +95,17 @@ ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "preci
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--class", dest="cls", required=True,
                    help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one joint model over (label, text) on every text")
     data.add_data_args(p)
-    p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id")
-    p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default small)")
-    p.add_argument("--adaptive-head", type=int, metavar="S",
-                   help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
-                        "0 = a full linear head (default: the preset's)")
+    p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', or a "
+                   "checkpoint folder / hub id")
+    p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny "
+                   "without one)")
     p.add_argument("--max-steps", type=data.positive(), default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
-    p.add_argument("--grad-accum", type=data.positive(),
-                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum "
-                        "texts; None: one per process)")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
-    p.add_argument("--objective", choices=["mdlm", "atat"], default="mdlm",
-                   help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
-    p.add_argument("--atat-width", type=data.positive(), default=64, help="--objective atat: the importance estimator's width")
-    p.add_argument("--atat-layers", type=data.positive(), default=2, help="--objective atat: its transformer layers")
-    p.add_argument("--atat-phases", type=float, nargs=2, default=[0.3, 0.7], metavar=("EASY_END", "HARD_START"),
-                   help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, "
-                        "hard ones more after HARD_START x --max-steps, and moves between the two in the middle")
-    p.add_argument("--atat-tilt", type=float, default=0.5,
-                   help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
-    p.add_argument("--atat-estimator-weight", type=float, default=1.0,
-                   help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
-                        "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
                    help="--class all, few labels: keep N labeled train texts (N / C per class, drawn with --seed: "
                         "data.labeled_limit) and train on every other train text as an unlabeled one")
@@ -136,15 +114,40 @@ def parse_args(argv=None):
                         "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
                         "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
                         "labeled steps and accuracy, docs/label_token.md)")
-    p.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
-                   help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
-                        "to the NELBO (0: purely generative)")
     p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
-    p.add_argument("--val-reviews", type=data.positive(), default=64,
+    p.add_argument("--val-texts", "--val-reviews", dest="val_reviews", type=data.positive(), default=64,
                    help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a = p.add_argument_group("advanced (the defaults are the measured recipe's)")
+    a.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
+                   help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
+                        "to the NELBO (0: purely generative)")
+    a.add_argument("--adaptive-head", type=int, metavar="S",
+                   help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
+                        "0 = a full linear head (default: the preset's)")
+    a.add_argument("--grad-accum", type=data.positive(),
+                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum "
+                        "texts; None: one per process)")
+    a.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
+    a.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
+    a.add_argument("--ema-decay", type=float, default=0.9999)
+    a.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
+                        "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
+    a.add_argument("--objective", choices=["mdlm", "atat"], default="mdlm",
+                   help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
+    a.add_argument("--atat-width", type=data.positive(), default=64, help="--objective atat: the importance estimator's width")
+    a.add_argument("--atat-layers", type=data.positive(), default=2, help="--objective atat: its transformer layers")
+    a.add_argument("--atat-phases", type=float, nargs=2, default=[0.3, 0.7], metavar=("EASY_END", "HARD_START"),
+                   help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, "
+                        "hard ones more after HARD_START x --max-steps, and moves between the two in the middle")
+    a.add_argument("--atat-tilt", type=float, default=0.5,
+                   help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
+    a.add_argument("--atat-estimator-weight", type=float, default=1.0,
+                   help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
     args = p.parse_args(argv)
     for flag in ("preset", "adaptive_head"):
         if getattr(args, flag) is not None and args.init != "scratch":
@@ -177,6 +180,11 @@ def parse_args(argv=None):
     if not args.atat_estimator_weight >= 0:
         p.error(f"argument --atat-estimator-weight: must be >= 0, got {args.atat_estimator_weight}")
     args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
+    if args.init == "scratch" and args.preset is None:  # stored resolved: --resume compares what ran
+        args.preset = "small" if torch.cuda.is_available() else "tiny"
+        if int(os.environ.get("RANK", 0)) == 0 and not args.resume:
+            size = "169.6M parameters, on the GPU" if args.preset == "small" else "8.2M parameters: no GPU here"
+            print(f"--init scratch: the {args.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
     if args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
               f"{args.max_steps}/{args.warmup_steps} of --lr {args.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
@@ -707,6 +715,27 @@ def open_log(run: Run):
     return open(out / "log.jsonl", "a")
 
 
+def preflight(args) -> None:
+    """What a run needs from outside, checked before any data is loaded, every missing piece named in
+    one error: the GPT-2 BPE (tiktoken's cache, TIKTOKEN_CACHE_DIR), the data (--data; IMDB: $IMDB_PATH
+    or the download) and, unless --init scratch, the starting weights (a folder, or the hub's)."""
+    problems = []
+    checks = [data.get_tokenizer, lambda: data.check_source(args.data)]
+    if args.init != "scratch":
+        checks.append(lambda: resolve(DEFAULT_REPO if args.init == "hf" else args.init))
+    for check in checks:
+        try:
+            check()
+        except (data.DataError, CheckpointError) as e:
+            hub = isinstance(e, CheckpointError) and args.init == "hf"  # the default: say what else there is
+            hint = "; or train from scratch: --init scratch (the tiny preset without a GPU)" if hub else ""
+            problems.append(f"{e}{hint}")
+    if len(problems) == 1:
+        fail(f"error: {problems[0]}")
+    if problems:
+        fail(f"error: {len(problems)} things this run needs are missing: " + " | ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
+
+
 def train(args, stop: list, texts: tuple[list, list] | None = None) -> Run:
     """The loop: set up, validate the starting weights, then optimizer steps, validating and saving a
     checkpoint every --eval-every steps and at the last; a signal (stop) saves and exits. texts: as set_up.
@@ -714,6 +743,8 @@ def train(args, stop: list, texts: tuple[list, list] | None = None) -> Run:
     out = Path(args.out)
     if not args.resume and ((out / STATE).exists() or (out / CONFIG).exists()):
         fail(f"error: --out {out} already holds a checkpoint; pass --resume to continue it, or choose another folder")
+    if texts is None:
+        preflight(args)
     run = set_up(args, texts)
     log = open_log(run)
     if run.step == 0:

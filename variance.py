@@ -16,7 +16,6 @@ each text (seeds 0, 1, ...) give the variance of that text's difference; the tab
 of its mean over texts (nats), and that root divided by the mean |difference| (the noise-to-signal
 ratio: above ~0.5, the sign of the difference, i.e. the decision, is often a coin flip).
 """
-import argparse
 import json
 import sys
 import time
@@ -26,12 +25,12 @@ import numpy as np
 
 import classify
 import data
-from cli import HelpFormatter, run_cli
+from cli import ArgumentParser, run_cli
 from convert_hf import CheckpointError, atomic_write
 
 
 def run(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", action="append", default=[], help="one conditional checkpoint, or one per class in class order")
     p.add_argument("--ckpt0", help="checkpoint of class 0 (then --ckpt1)")
     p.add_argument("--ckpt1", help="checkpoint of class 1")
