@@ -38,8 +38,13 @@ NELBO under every class, and the margin (NELBO of the second-best class minus th
 with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
 "partial": true, and exits with status 130.
 """
+import contextlib
+import io
 import json
+import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -357,8 +362,10 @@ def check_texts(texts) -> list[str]:
 class DiffusionClassifier:
     """A generative classifier from one joint MDLM over (label, text), or one MDLM per class, for use from Python.
 
+        clf = DiffusionClassifier(max_steps=800).fit(texts, labels)   # trains train.py's recipe in-process
+        clf.save("ckpt/mine")                                         # a train.py checkpoint folder
         clf = DiffusionClassifier.from_checkpoints("ckpt/all")   # or ["ckpt/neg", "ckpt/pos"], one per class
-        clf.classes                 # ['neg', 'pos']
+        clf.classes_                # ['neg', 'pos'] (also clf.classes)
         clf.predict(texts)          # list of N class names
         clf.predict_proba(texts)    # float64 [N, C], rows sum to 1: softmax(-score / T)
         clf.nelbo(texts)            # float64 [N, C], nats: the score (readout "nelbo": NELBO_c(text))
@@ -375,10 +382,17 @@ class DiffusionClassifier:
     prior; the temperature T comes from the checkpoints' calibration.json (1 without one).
     """
 
-    def __init__(self, models: list, classes: list[str], mc_samples: int = 2, seed: int = 0, batch_size: int = 16,
-                 class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
-                 max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo", log_prior=None):
-        """models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
+    def __init__(self, models: list | None = None, classes: list[str] | None = None, mc_samples: int = 2, seed: int = 0,
+                 batch_size: int = 16, class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
+                 max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo", log_prior=None, *,
+                 preset: str = "tiny", max_steps: int = 800, lr: float = 1e-3, disc_weight: float = 10.0,
+                 eval_every: int = 200, init: str = "scratch", out: str | None = None):
+        """Without models: an unfitted classifier holding fit's hyper-parameters (scikit-learn's convention),
+        the defaults train.py's README recipe (--class all --init scratch --preset tiny --lr 1e-3
+        --max-steps 800 --eval-every 200, --disc-weight 10, --batch-size batch_size, --seed seed);
+        init: "scratch", a checkpoint folder or a hub id (preset applies to scratch only); out: the
+        checkpoint folder fit trains into (default: a new temporary folder, kept: see save).
+        models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
         C times with class_labels 0..C-1); classes: their names. Sequential scoring (score_sequential):
         rounds of mc_samples = K draws, up to max_draws (default 4 K; = K for fixed-K scoring) per
         text, a text stopping once its margin exceeds z standard errors; batch_size: texts
@@ -387,6 +401,13 @@ class DiffusionClassifier:
         training labels' log-frequencies, for texts of several windows, or None: uniform).
         Raises ValueError for mc_samples, batch_size, max_draws, z or temperature out of range, or an
         unknown estimator or readout (or "posterior" for a model without a label slot)."""
+        self.train_params = {"preset": preset, "max_steps": max_steps, "lr": lr, "disc_weight": disc_weight,
+                             "eval_every": eval_every, "init": init, "out": out}
+        self.checkpoint_ = None  # the folder the weights came from (from_checkpoints, fit): what save copies
+        if models is None:  # unfitted: fit builds the rest
+            self.mc_samples, self.seed, self.batch_size, self.z, self.max_draws = mc_samples, seed, batch_size, z, max_draws
+            self.estimator, self.models = estimator, None
+            return
         if readout not in READOUTS or (readout == "posterior" and not models[0].config.n_classes):
             raise ValueError(f"readout {readout!r}: expected one of {', '.join(READOUTS)} (posterior needs a joint "
                              "model over (label, text), train.py --class all)")
@@ -428,8 +449,77 @@ class DiffusionClassifier:
         temperature, source = read_temperature(paths, scoring_key(readout, estimator), mc_samples, max_draws)
         clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z,
                   readout, log_prior)
-        clf.temperature_source = source
+        clf.temperature_source, clf.checkpoint_ = source, paths
         return clf
+
+    def check_fitted(self) -> None:
+        """Raise ValueError (scikit-learn's NotFittedError is one) for a classifier with no model yet."""
+        if self.models is None:
+            raise ValueError("this DiffusionClassifier has no model yet: call fit(texts, labels), or load one with "
+                             "DiffusionClassifier.from_checkpoints(folder)")
+
+    @property
+    def classes_(self) -> list[str]:
+        """The class names, in the order of predict_proba's columns (scikit-learn's name)."""
+        return self.classes
+
+    def fit(self, texts: list[str], labels: list) -> "DiffusionClassifier":
+        """Train one joint model over (label, text) on these texts, in this process, with a progress bar
+        (train.train: the same loop, checkpoints and log as train.py, into `out`), then load it. labels:
+        one per text, any values (their str() are the class names, sorted); None marks an unlabeled
+        text, which trains p(text) (train.py --unlabeled: half of every micro-batch). 5 % of each class
+        is held out for the validation log. Returns self. Raises TypeError for texts that are not a
+        list of strings, ValueError naming the argument for labels of another length, fewer than two
+        classes, or hyper-parameters train.py refuses (named as here: max_steps, not --max-steps)."""
+        import train  # here: train.py imports this module
+        texts = check_texts(texts)
+        labels = list(labels)
+        if len(labels) != len(texts):
+            raise ValueError(f"labels: {len(labels)} labels for {len(texts)} texts (one per text; None = unlabeled)")
+        classes = sorted({str(y) for y in labels if y is not None})
+        if len(classes) < 2:
+            raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs two or more")
+        reviews = [data.Review(t, -1 if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
+        hp = self.train_params
+        out = hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-")
+        argv = ["--class", "all", "--init", hp["init"], "--max-steps", hp["max_steps"], "--lr", hp["lr"],
+                "--batch-size", self.batch_size, "--disc-weight", hp["disc_weight"], "--eval-every", hp["eval_every"],
+                "--seed", self.seed, "--out", out] + (["--preset", hp["preset"]] if hp["init"] == "scratch" else [])
+        unlabeled = [r for r in reviews if r.label < 0]
+        argv += ["--unlabeled"] if unlabeled else []
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                args = train.parse_args(list(map(str, argv)))
+        except SystemExit:  # argparse's message, in this API's names
+            message = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+            message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message.split(" (see ")[0])
+            raise ValueError(f"fit: {message}") from None
+        try:
+            train.train(args, [], ([r for r in reviews if r.label >= 0], classes, unlabeled))
+        except SystemExit as e:
+            raise RuntimeError(f"fit: training stopped (exit status {e.code}; its message is above)") from None
+        fitted = DiffusionClassifier.from_checkpoints(out, mc_samples=self.mc_samples, seed=self.seed,
+                                                      batch_size=self.batch_size, estimator=self.estimator,
+                                                      max_draws=self.max_draws, z=self.z)
+        params = self.train_params
+        self.__dict__.update(fitted.__dict__)
+        self.train_params = params
+        return self
+
+    def save(self, folder: str) -> Path:
+        """Copy the model (config.json, model.safetensors, and calibration.json if fitted) into `folder`,
+        a train.py checkpoint folder that from_checkpoints and classify.py --ckpt load. Returns its path.
+        Raises ValueError for a classifier that was neither fitted nor loaded from one joint checkpoint."""
+        if not self.checkpoint_ or len(self.checkpoint_) != 1:
+            raise ValueError("save: nothing to save (fit first), or several per-class checkpoints (save each folder)")
+        source = Path(self.checkpoint_[0])
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors", CALIBRATION):
+            if (source / name).is_file() and (source / name).resolve() != (target / name).resolve():
+                shutil.copy2(source / name, target / name)
+        return target
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
         """The score of every class in nats, float64 [N, C], lower = more probable: NELBO_c(text) (an
@@ -440,7 +530,9 @@ class DiffusionClassifier:
     def draws(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
         after a text's last draw (score_sequential, whose `index` lets texts be scored in slices;
-        fixed K when max_draws = mc_samples). Readout "posterior": [N, C, 1], -log p(c | text)."""
+        fixed K when max_draws = mc_samples). Readout "posterior": [N, C, 1], -log p(c | text).
+        Raises ValueError for a classifier not fitted."""
+        self.check_fitted()
         if self.readout == "posterior":
             return -score_posterior(self.models[0], token_lists, self.batch_size, self.device, self.log_prior, progress)[:, :, None]
         return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
@@ -464,6 +556,7 @@ class DiffusionClassifier:
         -log sum_c prior_c exp(-NELBO_c(text)) >= -log p(text), since each NELBO_c >= -log p(text | c)
         (Eq. 11; uniform prior without the checkpoint's class_prior). token_lists: N non-empty lists
         of GPT-2 ids (data.encode); index: as in draws."""
+        self.check_fitted()
         if self.models[0].config.n_classes:
             nats = score_draws(self.models[:1], token_lists, self.mc_samples, self.seed, self.batch_size, self.device,
                                [self.models[0].config.n_classes], self.estimator, progress, index).mean(-1)[:, 0]

@@ -203,11 +203,13 @@ def class_index(name: str, classes: list[str]) -> int | None:
     raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
 
 
-def training_texts(args, reviews: list[data.Review], cls: int | None) -> tuple[list[data.Review], list[data.Review]]:
-    """(train, val) from the train split's texts: val is 5 % of each class (data.train_val_split, seed
-    0: the same held-out set for every run); train is the rest, of class cls only (a class model),
+def training_texts(args, reviews: list[data.Review], cls: int | None,
+                   unsup: list[data.Review] | None = None) -> tuple[list[data.Review], list[data.Review]]:
+    """(train, val) from the train split's labeled texts: val is 5 % of each class (data.train_val_split,
+    seed 0: the same held-out set for every run); train is the rest, of class cls only (a class model),
     or (cls None) its --labeled-limit labeled texts (data.labeled_limit with --seed), then, with
-    --unlabeled, the texts whose labels that drops and the data's unlabeled rows (label -1)."""
+    --unlabeled, the texts whose labels that drops and the unlabeled texts (label -1): `unsup`, or
+    (None) the data's unlabeled rows (data.load_dataset's 'unsup' split)."""
     train, val = data.train_val_split(reviews)
     if cls is not None:
         return [r for r in train if r.label == cls], val
@@ -215,7 +217,8 @@ def training_texts(args, reviews: list[data.Review], cls: int | None) -> tuple[l
     if args.labeled_limit:
         train, dropped = data.labeled_limit(train, args.labeled_limit, args.seed)
     if args.unlabeled:
-        train = train + dropped + data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0]
+        unsup = data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0] if unsup is None else unsup
+        train = train + dropped + unsup
     return train, val
 
 
@@ -524,20 +527,21 @@ class Run:
                 else "no checkpoint was written")
 
 
-def set_up(args, texts: tuple[list, list] | None = None) -> Run:
+def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     """Processes, data, model, EMA, optimizer, and --resume's state: a Run at its first step to take.
-    texts: (reviews, class names) to train on (DiffusionClassifier.fit), else --data's train split."""
+    texts: (labeled reviews, class names, unlabeled reviews) to train on (DiffusionClassifier.fit),
+    else --data's train and unsup splits."""
     rank, world, device = init_distributed()
     args.grad_accum = args.grad_accum or world  # stored resolved: --resume compares what ran
     if args.grad_accum % world:
         fail(f"error: --grad-accum {args.grad_accum}: must be a multiple of the {world} processes "
              f"(each runs grad-accum / {world} micro-batches per step)")
-    reviews, classes = texts or data.load_dataset(args.data, "train", args.text_field, args.label_field)
+    reviews, classes, unsup = texts or (*data.load_dataset(args.data, "train", args.text_field, args.label_field), None)
     cls = class_index(args.cls, classes)
     if len(classes) == 1 and rank == 0:  # trains fine, but nothing can be classified against it
         print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
               "two classes (a model per class, or --class all)", file=sys.stderr)
-    train, val = training_texts(args, reviews, cls)
+    train, val = training_texts(args, reviews, cls, unsup)
     n_classes = len(classes) if cls is None else 0  # --class all: one joint model over (label, text)
     labels = range(len(classes)) if cls is None else [cls]
     name = "all" if cls is None else classes[cls]
@@ -736,7 +740,7 @@ def preflight(args) -> None:
         fail(f"error: {len(problems)} things this run needs are missing: " + " | ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
 
 
-def train(args, stop: list, texts: tuple[list, list] | None = None) -> Run:
+def train(args, stop: list, texts: tuple[list, list, list] | None = None) -> Run:
     """The loop: set up, validate the starting weights, then optimizer steps, validating and saving a
     checkpoint every --eval-every steps and at the last; a signal (stop) saves and exits. texts: as set_up.
     Returns the finished Run (its .ema is the trained model)."""

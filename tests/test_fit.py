@@ -1,0 +1,51 @@
+"""DiffusionClassifier.fit / save: train.py's recipe in-process, scikit-learn's conventions."""
+import numpy as np
+import pytest
+
+from classify import DiffusionClassifier
+from conftest import LANGUAGES, make_languages
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    rows = make_languages(40)
+    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    texts += [r["text"] for r in make_languages(5, seed=1)]
+    labels += [None] * 15  # unlabeled texts: they train p(text)
+    out = tmp_path_factory.mktemp("fit") / "ckpt"
+    clf = DiffusionClassifier(max_steps=40, lr=1e-2, batch_size=8, eval_every=20, out=str(out))
+    assert clf.fit(texts, labels) is clf  # fit returns self
+    return clf, out
+
+
+def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
+    clf, out = fitted
+    assert clf.classes_ == sorted(LANGUAGES) and clf.readout == "posterior"
+    rows = make_languages(10, seed=7)  # new texts
+    texts = [r["text"] for r in rows]
+    assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.9  # chance: 1/3
+    import json
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_unlabeled"] == 15 and config["train_args"]["unlabeled"] is True and config["step"] == 40
+    saved = clf.save(tmp_path / "mine")
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no train state
+    again = DiffusionClassifier.from_checkpoints(str(saved))
+    np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-6, atol=1e-9)
+
+
+def test_fit_errors_name_the_argument():
+    clf = DiffusionClassifier(max_steps=0)
+    with pytest.raises(ValueError, match="no model yet"):
+        clf.predict(["cat dog"])
+    with pytest.raises(ValueError, match="labels: 1 labels for 2 texts"):
+        clf.fit(["cat dog", "red blue"], ["animals"])
+    with pytest.raises(ValueError, match="labels: 1 class"):
+        clf.fit(["cat dog", "red blue"], ["animals", None])
+    with pytest.raises(ValueError, match="^fit: argument max_steps: must be > 0"):
+        clf.fit(["cat dog", "red blue"], ["animals", "colors"])
+    with pytest.raises(TypeError, match="list of strings"):
+        clf.fit("cat dog", ["animals"])
+    with pytest.raises(ValueError, match="save: nothing to save"):
+        clf.save("x")
