@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 import calibration
-from cli import ArgumentParser, add_scoring_args, fail, init_distributed, run_cli
+from cli import ArgumentParser, add_scoring_args, fail, init_distributed, preflight, run_cli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
@@ -670,11 +670,11 @@ def run(argv=None):
     p.add_argument("--ckpt1", help="checkpoint folder of class 1's model (IMDB: pos)")
     p.add_argument("--ckpt", action="append", default=[],
                    help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
-    add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
-    p.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
-                   "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
-    p.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its margin "
-                   "exceeds z standard errors")
+    advanced = add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
+    advanced.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
+                          "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
+    advanced.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its "
+                          "margin exceeds z standard errors")
     p.add_argument("--readout", choices=READOUTS, help="posterior: one forward pass per window, p(label | text) at the "
                    "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
                    "(per-class models' only readout)")
@@ -695,6 +695,10 @@ def run(argv=None):
     if not paths:
         p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
+    # what this command needs from outside, all checked before any model or data is loaded
+    needs_data = args.calibrate or not args.input
+    preflight([data.get_tokenizer] + ([lambda: data.check_source(args.test_data or args.data)] if needs_data else [])
+              + [lambda: data.check_source(args.novelty_data)] * bool(args.novelty_data), (data.DataError,))
     rank, world, device = init_distributed()
     if world > 1 and (args.novelty or args.novelty_data):
         p.error("argument --novelty: runs in one process (not under torchrun)")

@@ -43,6 +43,23 @@ def fail(message: str, status: int = 1):
     raise SystemExit(status)
 
 
+def preflight(checks: list, errors: tuple) -> None:
+    """Run every check (a callable that raises one of `errors`, whose message names what is missing
+    and how to supply it) and exit with one error naming all that failed: a user offline learns
+    everything a command needs at once, before any data is loaded."""
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except errors as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        fail(f"error: {problems[0]}")
+    if problems:
+        fail(f"error: {len(problems)} things this command needs are missing: "
+             + " | ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
+
+
 def init_distributed() -> tuple[int, int, str]:
     """(rank, world_size, device). Under torchrun (WORLD_SIZE set) join the process group: NCCL with
     one GPU per process (LOCAL_RANK), gloo on CPU. A plain `python script.py` is rank 0 of 1.
@@ -63,9 +80,10 @@ def init_distributed() -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tuple) -> None:
+def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tuple):
     """The flags of classify.py and eval.py: which texts to score, and how the NELBO is estimated
-    (mc_samples: the default of --mc-samples; estimators: classify.ESTIMATORS, the first the default)."""
+    (mc_samples: the default of --mc-samples; estimators: classify.ESTIMATORS, the first the default).
+    Returns the "advanced" argument group, for the tool's own rarely needed flags."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
@@ -74,13 +92,15 @@ def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tu
                    "files (one text each), or - for stdin")
     p.add_argument("--mc-samples", type=data.positive(), default=mc_samples,
                    help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
-    p.add_argument("--estimator", choices=estimators, default=estimators[0],
-                   help="time: t ~ U antithetic, weight 1/t (Eq. 11); count: k ~ U{1..n} masked tokens, weight n/k")
+    advanced = p.add_argument_group("advanced (the defaults are the measured ones)")
+    advanced.add_argument("--estimator", choices=estimators, default=estimators[0],
+                          help="time: t ~ U antithetic, weight 1/t (Eq. 11); count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=16,
                    help="texts per forward pass (as in train.py), each with its K draws; smaller if memory runs out")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                   help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
+    advanced.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                          help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
+    return advanced
 
 
 def is_out_of_memory(e: BaseException) -> bool:

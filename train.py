@@ -72,6 +72,7 @@ import atat
 import data
 import diffusion
 from classify import score_posterior, score_texts
+import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
@@ -723,21 +724,14 @@ def preflight(args) -> None:
     """What a run needs from outside, checked before any data is loaded, every missing piece named in
     one error: the GPT-2 BPE (tiktoken's cache, TIKTOKEN_CACHE_DIR), the data (--data; IMDB: $IMDB_PATH
     or the download) and, unless --init scratch, the starting weights (a folder, or the hub's)."""
-    problems = []
-    checks = [data.get_tokenizer, lambda: data.check_source(args.data)]
-    if args.init != "scratch":
-        checks.append(lambda: resolve(DEFAULT_REPO if args.init == "hf" else args.init))
-    for check in checks:
+    def weights():
         try:
-            check()
-        except (data.DataError, CheckpointError) as e:
-            hub = isinstance(e, CheckpointError) and args.init == "hf"  # the default: say what else there is
-            hint = "; or train from scratch: --init scratch (the tiny preset without a GPU)" if hub else ""
-            problems.append(f"{e}{hint}")
-    if len(problems) == 1:
-        fail(f"error: {problems[0]}")
-    if problems:
-        fail(f"error: {len(problems)} things this run needs are missing: " + " | ".join(f"({i}) {m}" for i, m in enumerate(problems, 1)))
+            resolve(DEFAULT_REPO if args.init == "hf" else args.init)
+        except CheckpointError as e:  # the default's: say what else there is
+            hint = "; or train from scratch: --init scratch (the tiny preset without a GPU)" if args.init == "hf" else ""
+            raise CheckpointError(f"{e}{hint}") from None
+    checks = [data.get_tokenizer, lambda: data.check_source(args.data)] + ([weights] if args.init != "scratch" else [])
+    cli.preflight(checks, (data.DataError, CheckpointError))
 
 
 def train(args, stop: list, texts: tuple[list, list, list] | None = None) -> Run:

@@ -183,3 +183,39 @@ def test_output_to_a_file_is_plain_lines(tmp_path, pair):
     assert "\r" not in result.stderr + result.stdout
     progress = [line for line in result.stderr.splitlines() if line.startswith("training: ")]
     assert [line.split()[2] for line in progress] == [f"{s}/20," for s in range(2, 21, 2)]
+
+
+def test_every_offline_requirement_is_named_at_once_before_any_data_loads(tmp_path, monkeypatch, capsys):
+    def no_tokenizer():
+        raise data.DataError("could not load the GPT-2 BPE (set TIKTOKEN_CACHE_DIR)")
+    monkeypatch.setattr(data, "get_tokenizer", no_tokenizer)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
+    monkeypatch.setenv("IMDB_PATH", str(tmp_path / "nowhere.tar.gz"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--class", "all", "--out", str(tmp_path / "o")])  # --init hf, the default
+    message = one_line(capsys)
+    assert exit_.value.code == 1 and message.startswith("error: 3 things this command needs are missing: (1) ")
+    assert "TIKTOKEN_CACHE_DIR" in message and "nowhere.tar.gz: no such file" in message
+    assert "hub is unreachable" in message and "or train from scratch: --init scratch" in message
+    with pytest.raises(SystemExit):
+        classify.main(["--ckpt", str(tmp_path / "o")])
+    message = one_line(capsys)
+    assert message.startswith("error: 2 things this command needs are missing") and "nowhere.tar.gz" in message
+
+
+def test_init_scratch_without_a_gpu_means_the_tiny_preset(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = train.parse_args(["--class", "all", "--init", "scratch", "--out", "x"])
+    assert args.preset == "tiny" and "the tiny preset" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.parse_args(["--class", "all", "--init", "scratch", "--out", "x"]).preset == "small"
+    assert train.parse_args(["--class", "all", "--init", "scratch", "--preset", "tiny", "--out", "x"]).preset == "tiny"
+
+
+def test_usage_mistakes_are_one_line_pointing_to_help():
+    result = run_script("train.py", "--class", "all", "--out", "x", "--batch-size", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "train.py: error: argument --batch-size: must be > 0, got 0 (see train.py --help)"
+    result = run_script("classify.py", "--bogus")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "see classify.py --help" in result.stderr
