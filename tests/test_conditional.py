@@ -118,10 +118,10 @@ UNSEEN = "table chair lamp desk sofa shelf table lamp chair desk"  # a vocabular
 
 def test_novelty_is_the_nelbo_of_the_text_with_the_label_unknown(toy_conditional):
     jsonl, ckpt = toy_conditional
-    clf = DiffusionClassifier.from_checkpoints(str(ckpt), mc_samples=8)
+    clf = DiffusionClassifier.from_checkpoints(str(ckpt))
     rows = make_languages(10, seed=7)
     tokens = data.encode([r["text"] for r in rows] + [UNSEEN])
-    novelty = clf.novelty(tokens)
+    novelty = clf.novelty(tokens, draws=8)
     assert novelty.shape == (len(tokens),)
     assert novelty[-1] > novelty[:-1].max()  # an unseen vocabulary is more novel than every in-domain text
     # the label unknown, not read from a class: on the texts of the other classes, well below that class's
