@@ -5,12 +5,15 @@
     python train.py --class 0 --out ckpt/neg                        # IMDB, one class, from mdlm-owt-noeos (hub)
     python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
     python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
+    python train.py --class all --init scratch --preset tiny --lr 1e-3 --max-steps 800 --labeled-limit 500 --out ckpt/few
 
 --class all trains one joint MDLM over (label, text) (model.py, n_classes = C: a label slot in
 front of every sequence). A labeled text's slot holds its label and is masked with the text's
 move_chance(t), like any token, so the model learns p(label | text) at a masked slot, p(text |
 label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
-`unsup` reviews; JSONL/CSV rows with an empty label) keeps its slot masked and never scores it.
+`unsup` reviews; JSONL/CSV rows with an empty label; with --labeled-limit N, every train text
+but N) keeps its slot masked and never scores it; --unlabeled (the default with --labeled-limit)
+trains on them, half of every micro-batch (MicroBatches).
 --disc-weight λ adds the cross-entropy of the true label under the one-pass posterior readout
 (step_backward has the formula). A model loaded with --init gets a fresh slot (its text weights
 as loaded). Its validation reports the text's NELBO under its own label and with the label
