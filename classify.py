@@ -407,7 +407,10 @@ class DiffusionClassifier:
         self.train_params = {"preset": preset, "max_steps": max_steps, "lr": lr, "disc_weight": disc_weight,
                              "eval_every": eval_every, "init": init, "out": out}
         self.checkpoint_ = None  # the folder the weights came from (from_checkpoints, fit): what save copies
-        if models is None:  # unfitted: fit builds the rest
+        if models is None:  # unfitted: fit builds the rest; its scoring settings checked now, not after training
+            if mc_samples < 1 or batch_size < 1 or (max_draws or mc_samples) % mc_samples or not z > 0 or estimator not in ESTIMATORS:
+                raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
+                                 f"multiple of mc_samples, z {z} > 0, estimator one of {', '.join(ESTIMATORS)}")
             self.mc_samples, self.seed, self.batch_size, self.z, self.max_draws = mc_samples, seed, batch_size, z, max_draws
             self.estimator, self.models = estimator, None
             return
@@ -464,6 +467,7 @@ class DiffusionClassifier:
     @property
     def classes_(self) -> list[str]:
         """The class names, in the order of predict_proba's columns (scikit-learn's name)."""
+        self.check_fitted()
         return self.classes
 
     def fit(self, texts: list[str], labels: list) -> "DiffusionClassifier":
@@ -495,9 +499,10 @@ class DiffusionClassifier:
             with contextlib.redirect_stderr(said):
                 args = train.parse_args(list(map(str, argv)))
         except SystemExit:  # argparse's message, in this API's names
-            message = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+            message = (said.getvalue().strip().splitlines() or ["error: invalid arguments"])[-1].split("error: ", 1)[-1]
             message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message.split(" (see ")[0])
             raise ValueError(f"fit: {message}") from None
+        sys.stderr.write(said.getvalue())  # its warnings and notes
         try:
             train.train(args, [], ([r for r in reviews if r.label >= 0], classes, unlabeled))
         except SystemExit as e:
@@ -519,9 +524,14 @@ class DiffusionClassifier:
         source = Path(self.checkpoint_[0])
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors", CALIBRATION):
-            if (source / name).is_file() and (source / name).resolve() != (target / name).resolve():
-                shutil.copy2(source / name, target / name)
+        if source.resolve() == target.resolve():
+            return target
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(source / name, target / name)
+        fits = read_calibrations(source / CALIBRATION)
+        if fits:  # each fit names the folders it was made for: now this one
+            fits = {key: {**fit, "checkpoints": calibration_key([str(target)])} for key, fit in fits.items()}
+            atomic_write(target / CALIBRATION, lambda f: f.write_text(json.dumps(fits, indent=1) + "\n"))
         return target
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
@@ -543,6 +553,7 @@ class DiffusionClassifier:
 
     def most_draws(self) -> int:
         """The most draws a text can get (module function most_draws; 1 for the posterior readout)."""
+        self.check_fitted()
         return 1 if self.readout == "posterior" else most_draws(self.mc_samples, self.max_draws)
 
     def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
@@ -701,9 +712,10 @@ def run(argv=None):
         p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
 
     # what this command needs from outside, all checked before any model or data is loaded
-    needs_data = args.calibrate or not args.input
-    preflight([data.get_tokenizer] + ([lambda: data.check_source(args.test_data or args.data)] if needs_data else [])
-              + [lambda: data.check_source(args.novelty_data)] * bool(args.novelty_data), (data.DataError,))
+    sources = [(args.data, "--data")] if args.calibrate or not (args.input or args.test_data) else []
+    sources += [(path, flag) for path, flag in ((args.test_data, "--test-data"), (args.novelty_data, "--novelty-data"))
+                if path and not args.calibrate]
+    preflight([data.get_tokenizer] + [lambda p=p, f=f: data.check_source(p, f) for p, f in sources], (data.DataError,))
     rank, world, device = init_distributed()
     if world > 1 and (args.novelty or args.novelty_data):
         p.error("argument --novelty: runs in one process (not under torchrun)")
@@ -768,7 +780,7 @@ def run(argv=None):
                "readout": clf.readout, "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
                "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
                "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len,
-               **trained_on(paths[0])}  # what the model learned from: the learning curve's x (plot.py)
+               **trained_on(paths)}  # what the model learned from: the learning curve's x (plot.py)
     if labels is None:
         summary.update(input=args.input)
         print(f"{len(texts)} texts from --input {args.input}; {summary['windowed_texts']} longer than {max_len} tokens "
@@ -829,21 +841,34 @@ def run(argv=None):
         fail(f"interrupted after {done} of {total} texts{written}", 130)
 
 
-def trained_on(path: str) -> dict:
-    """{"n_labeled", "n_unlabeled"}: the training texts of a checkpoint (config.json; a --labeled-limit
-    checkpoint written before these counts were recorded: its limit, unlabeled None), None if unknown."""
-    meta = read_config(Path(path))[1]
-    limit = meta.get("train_args", {}).get("labeled_limit")
-    return {"n_labeled": meta.get("n_labeled", limit), "n_unlabeled": meta.get("n_unlabeled")}
+def trained_on(paths: list[str]) -> dict:
+    """{"n_labeled", "n_unlabeled", "labeled_limit"}: the training texts of the checkpoints, summed
+    over per-class models (config.json; a --labeled-limit checkpoint written before the counts were
+    recorded: its limit, unlabeled None; None where unknown)."""
+    metas = [read_config(Path(p))[1] for p in paths]
+    limit = metas[0].get("train_args", {}).get("labeled_limit")
+    counts = [m.get("n_labeled", limit) for m in metas]
+    unlabeled = [m.get("n_unlabeled") for m in metas]
+    return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit,
+            "n_unlabeled": None if None in unlabeled else sum(unlabeled)}
 
 
 def read_texts(path: str, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list]:
-    """--novelty-data: (texts, ids) of a .jsonl/.csv dataset (data.read_labeled; every row, labels
-    ignored; ids = positions) or, as --input, of a text file or folder (read_input). Raises DataError."""
-    if Path(path).suffix.lower() in (".jsonl", ".csv") and Path(path).is_file():
-        reviews = data.read_labeled(path, text_field, label_field)[0]
-        return [r.text for r in reviews], [r.id for r in reviews]
-    return read_input(path)
+    """--novelty-data: (texts, ids) of a .jsonl/.csv file (the `text_field` of every row, labels
+    not needed; ids = positions from 0) or, as --input, of a text file or folder (read_input).
+    Raises DataError naming the file and line of a row without text."""
+    if Path(path).suffix.lower() not in (".jsonl", ".csv") or not Path(path).is_file():
+        return read_input(path)
+    if Path(path).suffix.lower() == ".jsonl":
+        rows = [(where, text) for where, text, _ in data.jsonl_rows(Path(path), text_field, label_field)]
+    else:
+        rows = data.csv_texts(Path(path), text_field)
+    for where, text in rows:
+        if not isinstance(text, str) or not text.strip():
+            raise data.DataError(f"{where}: no text in field {text_field!r} (set --text-field)")
+    if not rows:
+        raise data.DataError(f"{path}: no texts")
+    return [text for _, text in rows], list(range(len(rows)))
 
 
 def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list[list[int]], post: np.ndarray, args) -> tuple[np.ndarray, dict]:

@@ -170,11 +170,11 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     return {"train": train, "test": test, "unsup": [r for r in reviews if r.label < 0]}[split], names
 
 
-def check_source(path: str | None) -> None:
-    """Raise DataError unless the data at `path` (--data) can be had: a file or folder that exists,
+def check_source(path: str | None, flag: str = "--data") -> None:
+    """Raise DataError (naming `flag`) unless the data at `path` can be had: a file or folder that exists,
     or (None / IMDB) load_imdb's tarball, downloaded here if it is not yet (imdb_path)."""
     if path is not None and not os.path.exists(path):
-        raise DataError(f"--data {path}: no such file or folder")
+        raise DataError(f"{flag} {path}: no such file or folder")
     if path is None or _is_imdb(Path(path)):
         imdb_path(path)
 
@@ -204,7 +204,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     if root.is_file() and suffix not in (".jsonl", ".csv"):
         raise DataError(f"{path}: expected a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
     try:
-        rows = list(_folder_rows(root) if root.is_dir() else _jsonl_rows(root, text_field, label_field)
+        rows = list(_folder_rows(root) if root.is_dir() else jsonl_rows(root, text_field, label_field)
                     if suffix == ".jsonl" else _csv_rows(root, text_field, label_field))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -222,7 +222,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     return [Review(text, -1 if label in (None, "") else index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
 
 
-def _jsonl_rows(path: Path, text_field: str, label_field: str):
+def jsonl_rows(path: Path, text_field: str, label_field: str):
     """(where, text, label) of every non-blank line; text None and label MISSING where the key is missing."""
     for n, line in utf8_lines(path.read_bytes(), path):
         if line.strip():
@@ -247,6 +247,20 @@ def _csv_rows(path: Path, text_field: str, label_field: str):
         try:
             for row in reader:
                 yield f"{path} line {reader.line_num}", row[text_field], MISSING if row[label_field] is None else row[label_field]
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: {e}") from None
+
+
+def csv_texts(path: Path, text_field: str) -> list[tuple[str, str]]:
+    """(where, text) of every data row of a CSV file, the `text_field` column only (no label needed).
+    Raises DataError for a missing column or a malformed row."""
+    csv.field_size_limit(2**31 - 1)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if text_field not in (reader.fieldnames or []):
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or []) or 'none'}; set --text-field)")
+        try:
+            return [(f"{path} line {reader.line_num}", row[text_field]) for row in reader]
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: {e}") from None
 

@@ -15,10 +15,10 @@ Each PATH is recognised by its content:
       <stem>_novelty.png: histograms of the novelty score (nats/token) of its texts and of the others;
   a `baselines.py --json` file                           -> a point of learning_curve.png.
 learning_curve.png: accuracy (95 % Wilson intervals) against the number of labeled training texts,
-log axis, one line per model: every classify.py JSON whose checkpoint records its labels (train.py
---labeled-limit), split by whether it trained on unlabeled texts, and every baselines.py JSON
-(several --seed draws of one size: their mean, the interval of one draw). Drawn when there is a
-baselines JSON or two classify points.
+log axis, one line per model: every labeled classify.py JSON whose checkpoint records its labels,
+split by whether it trained on unlabeled texts, and every baselines.py JSON (several --seed draws
+of one size: their mean, the interval of one draw). Drawn when there is a baselines JSON or two
+classify JSONs of train.py --labeled-limit checkpoints.
 """
 import json
 import os
@@ -146,10 +146,11 @@ def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dic
     from calibration import wilson_interval
     series = {}
     for doc in classify_docs:
-        if doc.get("n_labeled") is None:
+        if doc.get("n_labeled") is None or "accuracy" not in doc:  # unknown labels, or unlabeled texts (--input)
             continue
-        name = "MDLM, label token" + (", no unlabeled texts" if doc.get("n_unlabeled") == 0 else " + unlabeled texts"
-                                      if doc.get("n_unlabeled") else "")
+        kind = "MDLM, label token" if len(doc.get("checkpoints", [])) <= 1 else "MDLMs, one per class"
+        name = kind + (", no unlabeled texts" if doc.get("n_unlabeled") == 0 else " + unlabeled texts"
+                       if doc.get("n_unlabeled") else "")
         series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
     runs = {}
     for doc in baseline_docs:
@@ -287,7 +288,7 @@ def main(argv=None):
             figures.append((f"{Path(path).stem}_novelty.png", path, partial(novelty_figure, plt, doc, Path(path).stem)))
     classified = [doc for _, kind, doc in inputs if kind == "classify"]
     base = [doc for _, kind, doc in inputs if kind == "baselines"]
-    if base or sum(doc.get("n_labeled") is not None for doc in classified) >= 2:
+    if base or sum(doc.get("labeled_limit") is not None and "accuracy" in doc for doc in classified) >= 2:
         series = attempt("the learning curve's inputs", partial(learning_points, classified, base))
         figures.append(("learning_curve.png", "the learning curve's inputs", partial(learning_figure, plt, series)))
     if len({name for name, _, _ in figures}) < len(figures):

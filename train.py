@@ -86,6 +86,7 @@ ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
 STATE = "train_state.safetensors"
 SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); recorded so that --resume can tell
+BATCHING = "pools"  # how micro-batches are drawn (MicroBatches: labeled and unlabeled texts half and half); the same
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
@@ -416,7 +417,7 @@ def save(args, model, ema, opt, step, meta, estimator=None):
                 state[f"adam.{i}.{k}"] = v
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"]), "seeding": SEEDING}
+    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"]), "seeding": SEEDING, "batching": BATCHING}
     atomic_write(out / STATE, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p, metadata))
     save_checkpoint(ema.state_dict(), ema.config, out, {**meta, "step": step})
 
@@ -433,10 +434,12 @@ def resume(args, model, ema, opt, estimator=None) -> int:
         with safe_open(path, "pt") as f:
             meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         saved = json.loads(meta["train_args"])
-        step, seeding = int(meta["step"]), meta.get("seeding")
+        step, seeding, batching = int(meta["step"]), meta.get("seeding"), meta.get("batching")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable train state ({type(e).__name__}: {e})") from None
     saved = {**ADDED_LATER, **saved}
+    if saved.get("init") == "scratch" and saved.get("preset") is None:  # written before the preset was stored resolved
+        saved["preset"] = "small"
     unknown = [k for k, v in ADDED_LATER.items() if v is None and saved.get(k) is None]  # an old state did not say
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
@@ -464,6 +467,9 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     if seeding != SEEDING and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {path} was written before diffusion.draw_seed (session 5): it continues with other windows, "
               "masks and dropout than its first run would have had", file=sys.stderr)
+    if saved.get("unlabeled") and saved.get("cls") == "all" and batching != BATCHING and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {path} was written before labeled and unlabeled texts shared every micro-batch half and half: "
+              "it continues with other batches than its first run had", file=sys.stderr)
     return step
 
 

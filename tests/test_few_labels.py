@@ -95,3 +95,14 @@ def test_train_records_its_labels_and_refuses_to_resume_with_another_limit(imdb_
     assert config["train_args"]["labeled_limit"] == 4 and config["train_args"]["unlabeled"] is True
     result = run_script("train.py", *common, "--max-steps", "2", "--labeled-limit", "6", "--out", out, "--resume")
     assert result.returncode == 1 and "--labeled-limit 4 (now 6)" in result.stderr
+
+
+def test_novelty_data_needs_texts_only(tmp_path):
+    from classify import read_texts
+    (tmp_path / "plain.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "label": 3}\n')
+    assert read_texts(str(tmp_path / "plain.jsonl")) == (["one", "two"], [0, 1])
+    (tmp_path / "plain.csv").write_text("text\nthree\n")
+    assert read_texts(str(tmp_path / "plain.csv")) == (["three"], [0])
+    (tmp_path / "bad.jsonl").write_text('{"body": "one"}\n')
+    with pytest.raises(data.DataError, match="bad.jsonl line 1: no text in field 'text'"):
+        read_texts(str(tmp_path / "bad.jsonl"))

@@ -1,6 +1,10 @@
 """DiffusionClassifier.fit / save: train.py's recipe in-process, scikit-learn's conventions."""
+import json
+
 import numpy as np
 import pytest
+
+import classify
 
 from classify import DiffusionClassifier
 from conftest import LANGUAGES, make_languages
@@ -26,12 +30,19 @@ def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     rows = make_languages(10, seed=7)  # new texts
     texts = [r["text"] for r in rows]
     assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.9  # chance: 1/3
-    import json
     config = json.loads((out / "config.json").read_text())
     assert config["n_unlabeled"] == 15 and config["train_args"]["unlabeled"] is True and config["step"] == 40
     saved = clf.save(tmp_path / "mine")
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no train state
     again = DiffusionClassifier.from_checkpoints(str(saved))
+    np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-6, atol=1e-9)
+    # a calibrated model keeps its temperature in the copy (the fit names the folder it is for)
+    data_file = tmp_path / "langs.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in make_languages(40)))
+    classify.main(["--ckpt", str(out), "--data", str(data_file), "--calibrate"])
+    calibrated = DiffusionClassifier.from_checkpoints(str(out))
+    moved = DiffusionClassifier.from_checkpoints(str(calibrated.save(tmp_path / "calibrated")))
+    assert moved.temperature == calibrated.temperature != 1.0 and "calibration.json" in moved.temperature_source
     np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-6, atol=1e-9)
 
 
@@ -49,3 +60,5 @@ def test_fit_errors_name_the_argument():
         clf.fit("cat dog", ["animals"])
     with pytest.raises(ValueError, match="save: nothing to save"):
         clf.save("x")
+    with pytest.raises(ValueError, match="mc_samples 0"):  # scoring settings: refused before any training
+        DiffusionClassifier(mc_samples=0)
