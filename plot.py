@@ -149,8 +149,8 @@ def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dic
         if doc.get("n_labeled") is None or "accuracy" not in doc:  # unknown labels, or unlabeled texts (--input)
             continue
         kind = "MDLM, label token" if len(doc.get("checkpoints", [])) <= 1 else "MDLMs, one per class"
-        name = kind + (", no unlabeled texts" if doc.get("n_unlabeled") == 0 else " + unlabeled texts"
-                       if doc.get("n_unlabeled") else "")
+        unlabeled = doc.get("unlabeled", bool(doc.get("n_unlabeled")) if doc.get("n_unlabeled") is not None else None)
+        name = kind + {True: " + unlabeled texts", False: ", no unlabeled texts", None: ""}[unlabeled]
         series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
     runs = {}
     for doc in baseline_docs:
@@ -185,7 +185,7 @@ def novelty_figure(plt, doc: dict, name: str):
     bins = np.linspace(min(inside.min(), other.min()), max(inside.max(), other.max()), 41)
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.hist(inside, bins, alpha=0.6, density=True, label=f"the scored texts ({len(inside)})")
-    ax.hist(other, bins, alpha=0.6, density=True, label=f"{Path(nov['data']).name} ({len(other)})")
+    ax.hist(other, bins, alpha=0.6, density=True, label=f"{'/'.join(Path(nov['data']).parts[-2:])} ({len(other)})")
     auc = nov["auroc"]
     ax.set(xlabel="novelty: NELBO with the label unknown (nats/token)", ylabel="density",
            title=f"{name}: novelty AUROC {auc['novelty']:.4f} (max posterior: {auc['max_posterior']:.4f})")
