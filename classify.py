@@ -580,9 +580,7 @@ class DiffusionClassifier:
             nelbo = score_draws(self.models, token_lists, draws, self.seed, self.batch_size, self.device,
                                 self.class_labels, self.estimator, progress, index).mean(-1)
             log_prior = np.full(len(self.models), -np.log(len(self.models))) if self.log_prior is None else self.log_prior
-            z = log_prior - nelbo
-            top = z.max(1)
-            nats = -(top + np.log(np.exp(z - top[:, None]).sum(1)))
+            nats = -np.logaddexp.reduce(log_prior - nelbo, axis=1)
         return nats / np.array([len(ids) for ids in token_lists])
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -652,14 +650,14 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     if data_names != clf.classes:
         raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, the checkpoints' are {', '.join(clf.classes)}")
     # by default about a minute on a CPU: every held-out text in one pass each (posterior), a few hundred with draws (nelbo)
-    limit = args.limit or (None if clf.readout == "posterior" else CALIBRATION_TEXTS // len(data_names) * len(data_names))
+    default = None if clf.readout == "posterior" else CALIBRATION_TEXTS // len(data_names) * len(data_names)
     if args.limit:
         val = data.balanced_subset(val, args.limit)
-    elif limit and limit < len(val) and min(np.bincount([r.label for r in val])) >= limit // len(data_names):
-        val = data.balanced_subset(val, limit)
+    elif default and default < len(val) and min(np.bincount([r.label for r in val])) >= default // len(data_names):
+        val = data.balanced_subset(val, default)
     if rank == 0:
         print(f"--calibrate: scoring {len(val)} held-out validation texts ({clf.readout} readout"
-              + ("" if args.limit or clf.readout == "posterior" else f"; --limit N scores more") + ")", file=sys.stderr)
+              + ("" if args.limit or clf.readout == "posterior" else "; --limit N scores more") + ")", file=sys.stderr)
     labels = np.array([r.label for r in val])
     scores = -clf.score(data.encode([r.text for r in val]), progress=True)
     if rank > 0:
@@ -858,16 +856,14 @@ def trained_on(paths: list[str]) -> dict:
             "n_unlabeled": None if None in unlabeled else sum(unlabeled)}
 
 
-def read_texts(path: str, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list]:
+def read_texts(path: str, text_field: str = "text") -> tuple[list[str], list]:
     """--novelty-data: (texts, ids) of a .jsonl/.csv file (the `text_field` of every row, labels
     not needed; ids = positions from 0) or, as --input, of a text file or folder (read_input).
     Raises DataError naming the file and line of a row without text."""
     if Path(path).suffix.lower() not in (".jsonl", ".csv") or not Path(path).is_file():
         return read_input(path)
-    if Path(path).suffix.lower() == ".jsonl":
-        rows = [(where, text) for where, text, _ in data.jsonl_rows(Path(path), text_field, label_field)]
-    else:
-        rows = data.csv_texts(Path(path), text_field)
+    reader = data.jsonl_rows if Path(path).suffix.lower() == ".jsonl" else data.csv_rows
+    rows = [(where, text) for where, text, _ in reader(Path(path), text_field, None)]
     for where, text in rows:
         if not isinstance(text, str) or not text.strip():
             raise data.DataError(f"{where}: no text in field {text_field!r} (set --text-field)")
@@ -884,7 +880,7 @@ def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list
     novelty = clf.novelty(tokens, progress=True, draws=args.novelty_draws)
     summary = {"mean_nats_per_token": float(novelty.mean())}
     if other_path:
-        texts, ids = read_texts(other_path, args.text_field, args.label_field)
+        texts, ids = read_texts(other_path, args.text_field)
         other_tokens = data.encode(texts)
         other = clf.novelty(other_tokens, progress=True, draws=args.novelty_draws)
         other_post = posteriors(np.nanmean(clf.draws(other_tokens, progress=True), -1), clf.temperature)

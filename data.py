@@ -205,7 +205,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
         raise DataError(f"{path}: expected a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
     try:
         rows = list(_folder_rows(root) if root.is_dir() else jsonl_rows(root, text_field, label_field)
-                    if suffix == ".jsonl" else _csv_rows(root, text_field, label_field))
+                    if suffix == ".jsonl" else csv_rows(root, text_field, label_field))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not rows:
@@ -235,32 +235,20 @@ def jsonl_rows(path: Path, text_field: str, label_field: str):
             yield f"{path} line {n}", row.get(text_field), row.get(label_field, MISSING)
 
 
-def _csv_rows(path: Path, text_field: str, label_field: str):
-    """(where, text, label) of every data row; label MISSING in a row too short to have it."""
+def csv_rows(path: Path, text_field: str, label_field: str | None):
+    """(where, text, label) of every data row; label MISSING in a row too short to have it, or
+    always with label_field None (texts only: the label column need not exist)."""
     csv.field_size_limit(2**31 - 1)  # long texts: the default limit is 128 KiB per field
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
-            if field not in columns:
+            if field is not None and field not in columns:
                 raise DataError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}; set {flag})")
         try:
             for row in reader:
-                yield f"{path} line {reader.line_num}", row[text_field], MISSING if row[label_field] is None else row[label_field]
-        except csv.Error as e:
-            raise DataError(f"{path} line {reader.line_num}: {e}") from None
-
-
-def csv_texts(path: Path, text_field: str) -> list[tuple[str, str]]:
-    """(where, text) of every data row of a CSV file, the `text_field` column only (no label needed).
-    Raises DataError for a missing column or a malformed row."""
-    csv.field_size_limit(2**31 - 1)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if text_field not in (reader.fieldnames or []):
-            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(reader.fieldnames or []) or 'none'}; set --text-field)")
-        try:
-            return [(f"{path} line {reader.line_num}", row[text_field]) for row in reader]
+                label = MISSING if label_field is None or row[label_field] is None else row[label_field]
+                yield f"{path} line {reader.line_num}", row[text_field], label
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num}: {e}") from None
 
