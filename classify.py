@@ -719,6 +719,8 @@ def run(argv=None):
     rank, world, device = init_distributed()
     if world > 1 and (args.novelty or args.novelty_data):
         p.error("argument --novelty: runs in one process (not under torchrun)")
+    if args.input and (args.limit or args.test_data):  # they pick labeled texts; --input's are all scored
+        p.error(f"argument --input: scores every text of {args.input}; --limit and --test-data select labeled texts instead")
     if args.max_draws and args.max_draws % args.mc_samples:
         p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
     try:
@@ -786,9 +788,10 @@ def run(argv=None):
         summary.update(input=args.input)
         print(f"{len(texts)} texts from --input {args.input}; {summary['windowed_texts']} longer than {max_len} tokens "
               f"scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
-        print("id\tclass\tposterior\ttext")
-        for i, c, pr, text in zip(ids, pred, post, texts):
-            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{' '.join(text[:70].split())}")  # one line per text
+        print("id\tclass\tposterior\t" + ("" if novelty is None else "novelty (nats/token)\t") + "text")
+        for n, (i, c, pr, text) in enumerate(zip(ids, pred, post, texts)):  # one line per text
+            score = "" if novelty is None else f"{novelty[n]:.4f}\t"
+            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{score}{' '.join(text[:70].split())}")
     else:
         source = args.test_data or f"{args.split} split"
         summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)

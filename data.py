@@ -244,7 +244,8 @@ def csv_rows(path: Path, text_field: str, label_field: str | None):
         columns = reader.fieldnames or []
         for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
             if field is not None and field not in columns:
-                raise DataError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}; set {flag})")
+                raise DataError(f"{path}: no column {field!r} in the header row (columns: {', '.join(columns) or 'none'}); "
+                                f"a CSV's first row names its columns, or set {flag}")
         try:
             for row in reader:
                 label = MISSING if label_field is None or row[label_field] is None else row[label_field]

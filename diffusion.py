@@ -50,6 +50,20 @@ def loss_weight(t: torch.Tensor) -> torch.Tensor:
     return dsigma(t) / torch.expm1(sigma(t))
 
 
+def train_weight(t: torch.Tensor) -> torch.Tensor:
+    """The training loss's weight per masked token (train.py): the constant 1 / E_t[move_chance(t)]
+    (t ~ U[SAMPLING_EPS, 1]; ~2), in place of the NELBO's loss_weight(t) = 1/t. float [B] like t.
+
+    Every t's denoising cross-entropy is then weighted by its expected number of masked tokens, a
+    weighted diffusion loss in the sense of Kingma & Gao 2023 ("Understanding diffusion objectives as
+    the ELBO with simple data augmentation"): for a model that can represent it, its minimiser is the
+    NELBO's (the true p(x0_i | x_t) at every t), and for a context-free model its value is the NELBO's.
+    Its gradient has no 1/t spikes: with 16 texts per step the 1/t weight's few low-t tokens carry most
+    of the gradient, and a 2-block model sat at the unigram plateau (docs/lm_plateau.md). The NELBO
+    (Eq. 11) remains what validation, eval.py and classify.py report."""
+    return torch.full_like(t, 2 / ((1 - EPS) * (1 + SAMPLING_EPS)))
+
+
 # ---- sampling t and x_t --------------------------------------------------------------------
 def antithetic_t(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """n times in [SAMPLING_EPS, 1], one per row, stratified: u_i = (r + i/n) mod 1 with one r ~ U(0,1).
@@ -213,7 +227,7 @@ def weighted_sum(nll: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) 
 
 # ---- the label slot (model.py, n_classes = C) -------------------------------------------------
 def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor, slot_masked: torch.Tensor, disc: bool = False):
+                labels: torch.Tensor, slot_masked: torch.Tensor, disc: bool = False, weight: torch.Tensor | None = None):
     """NELBO of (label, text) per sequence, one draw of (t, x_t), in nats: Eq. 11 over L + 1 positions.
 
     The label slot is one more token of x0, masked with the same move_chance(t) as the text
@@ -225,7 +239,8 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     slot with the text clean (label_posterior) for the B_lab labeled texts (labels < C) in batch
     order, from the same forward pass: their clean copies ride along as B_lab more rows, so the
     model is called once (as DDP needs). The upper bound is on
-    -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one.
+    -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one. weight: float [B],
+    each masked position's weight (default loss_weight(t), the NELBO; training passes train_weight(t)).
     """
     C = model.config.n_classes
     scored = slot_masked & (labels < C)
@@ -243,7 +258,7 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     log_p, label_log_p = model(xt, sigma_in, attention_mask, output_mask=output_mask, class_labels=slot,
                                targets=x0[masked], label_out=True)
     nll = torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
-    weight = loss_weight(t)
+    weight = loss_weight(t) if weight is None else weight
     B = len(x0)
     slot_nll = -label_log_p[:B].gather(1, labels.clamp(max=C - 1)[:, None])[:, 0]
     total = weighted_sum(nll, masked, weight[:, None]) + torch.where(scored, weight * slot_nll, 0.0)

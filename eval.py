@@ -15,6 +15,12 @@ model_length is scored whole, as the sum of the NELBOs of its disjoint windows (
 
     python eval.py --ckpt ckpt/neg --ckpt ckpt/pos --split test --limit 1000 --mc-samples 4 --json ppl.json
     python eval.py --ckpt ckpt/pos --input my_texts.txt --mc-samples 16
+    python eval.py --ckpt ckpt/imdb --limit 200 --by-t --json by_t.json   # does the model read its context?
+
+--by-t adds, for each checkpoint, the cross-entropy per masked token at masking rates t = 0.05 ...
+0.99 (cross_entropy_by_t), printed beside the unigram and bigram cross-entropies of the same
+texts (ngram.py, counts from the training texts: --data's train split less train.py's validation
+part). A model at the unigram's value at every t reads no context; `plot.py by_t.json` draws it.
 """
 import json
 import math
@@ -26,10 +32,12 @@ import numpy as np
 import torch
 
 import data
+import diffusion
 from classify import ESTIMATORS, labeled_texts, read_input, score_texts
 from cli import ArgumentParser, add_scoring_args, run_cli
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
+from ngram import CountsLM
 
 
 def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
@@ -45,6 +53,43 @@ def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:
     se = math.sqrt(float(((nelbo - r * n_tokens) ** 2).sum()) * N / (N - 1)) / n if N > 1 else 0.0
     return {"n_texts": N, "n_tokens": int(n), "nelbo_nats": total, "nats_per_token": r, "se": se,
             "bits_per_token": r / math.log(2), "ppl_bound": math.exp(r)}
+
+
+BY_T = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)  # --by-t's grid of masking rates
+
+
+@torch.inference_mode()
+def cross_entropy_by_t(model, token_lists: list[list[int]], ts, seed: int, batch_size: int, device) -> list[dict]:
+    """Cross-entropy per masked token at fixed masking rates: how much the model reads its context.
+
+    For each t in `ts`, every real token of every text (window, data.windows) is masked
+    independently with probability move_chance(t) (Eq. 2; the draws of text i at t index j come from
+    diffusion.draw_seed(seed, i, j), the same for every model) and the model predicts the masked ones
+    from the rest: mean over masked tokens of -log p_theta(x0_i | x_t) (SUBS, Eq. 8; a joint model
+    with its label slot masked). No 1/t weight: this is the denoiser's loss at t, the integrand of
+    Eq. 11 per masked token. A model that ignores its context scores the unigram entropy at every t;
+    one that reads it falls below that as t -> 0. token_lists: N non-empty lists of token ids.
+    Returns [{"t": t, "masked_tokens": int, "nats_per_masked_token": float}] in the order of ts.
+    """
+    pieces = [(i, piece) for i, ids in enumerate(token_lists) for piece in data.windows(ids, model.config.model_length)]
+    out = []
+    for j, t in enumerate(ts):
+        total, count = 0.0, 0
+        for idx in data.length_batches([len(p) for _, p in pieces], batch_size):
+            x0, attention_mask = data.collate([pieces[b][1] for b in idx])
+            masked = torch.zeros_like(attention_mask)
+            for row, b in enumerate(idx):
+                g = torch.Generator().manual_seed(diffusion.draw_seed(seed, pieces[b][0], j))
+                n = len(pieces[b][1])
+                masked[row, :n] = torch.rand(n, generator=g) < diffusion.move_chance(torch.tensor(float(t)))
+            if not masked.any():
+                continue
+            sigma_in = diffusion.model_sigma(model, torch.full((len(idx),), float(t), device=device))
+            nll = diffusion.token_nll(model, x0.to(device), masked.to(device), sigma_in,
+                                      None if attention_mask.all() else attention_mask.to(device))
+            total, count = total + float(nll.sum()), count + int(masked.sum())
+        out.append({"t": float(t), "masked_tokens": count, "nats_per_masked_token": total / max(count, 1)})
+    return out
 
 
 def checkpoint_name(path: str) -> str:
@@ -68,6 +113,8 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
     add_scoring_args(p, mc_samples=4, estimators=ESTIMATORS)
+    p.add_argument("--by-t", action="store_true", help="also the cross-entropy per masked token on a grid of t, "
+                   "beside the unigram and bigram models of the same texts")
     p.add_argument("--json", help="write the table and per-text NELBOs here")
     args = p.parse_args(argv)
     if args.input and (args.limit or args.data or args.test_data):
@@ -86,7 +133,7 @@ def run(args):
     groups = np.array(groups)
     n_tokens = np.array([len(ids) for ids in tokens])
     per_text = np.zeros((len(texts), len(args.ckpt)))               # NELBO in nats, text x checkpoint
-    results, start = [], time.perf_counter()
+    results, by_t, start = [], [], time.perf_counter()
     for m, path in enumerate(args.ckpt):
         model = set_runtime(load_hf(path).to(device), args.precision, inference=True)
         cfg = model.config
@@ -101,26 +148,47 @@ def run(args):
             results.append({"data": g, "checkpoint": path, "name": names[m], "max_len": cfg.model_length,
                             "windowed_texts": int((n_tokens[rows] > cfg.model_length).sum()),
                             **summarise(per_text[rows, m], n_tokens[rows])})
+        if args.by_t:
+            by_t += [{"checkpoint": path, "name": names[m], **row}
+                     for row in cross_entropy_by_t(model, tokens, BY_T, args.seed, args.batch_size, device)]
         del model
     seconds = time.perf_counter() - start
 
-    print(f"NELBO bound, nats/token (perplexity bound), K={args.mc_samples} draws per text, "
+    print(f"NELBO bound, nats/token (bits/token, perplexity bound), K={args.mc_samples} draws per text, "
           f"seed {args.seed}: rows = data, columns = checkpoints")
-    width = max(22, *(len(n) + 2 for n in names))
+    width = max(30, *(len(n) + 2 for n in names))
     print(" " * 10 + "".join(f"{n:>{width}}" for n in names))
     for g in group_names:
-        cells = [f"{r['nats_per_token']:.4f} ({r['ppl_bound']:.2f})" for r in results if r["data"] == g]
+        cells = [f"{r['nats_per_token']:.4f} ({r['bits_per_token']:.3f} b, {r['ppl_bound']:.2f})" for r in results if r["data"] == g]
         n = next(r["n_texts"] for r in results if r["data"] == g)
         print(f"{g:<10}" + "".join(f"{c:>{width}}" for c in cells) + f"   {n} texts")
+    reference = print_by_t(args, names, tokens, by_t) if args.by_t else None
     print(f"{seconds:.1f} s on {device}", file=sys.stderr)
     if args.json:
         summary = {"checkpoints": args.ckpt, "names": names, "mc_samples": args.mc_samples, "seed": args.seed,
                    "split": None if args.input or args.test_data else args.split, "limit": args.limit,
                    "data": args.test_data or args.data, "input": args.input,
                    "device": device, "seconds": seconds, "results": results,
+                   **({"by_t": by_t, "reference": reference} if args.by_t else {}),
                    "texts": [{"data": str(groups[i]), "n_tokens": int(n_tokens[i]), "nelbo": per_text[i].round(4).tolist()}
                              for i in range(len(texts))]}
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+
+
+def print_by_t(args, names: list[str], tokens: list[list[int]], by_t: list[dict]) -> dict:
+    """The by-t table (rows t, columns checkpoints) under the counts models of the same texts, fitted
+    on the training texts; returns those references, nats per token."""
+    reviews, _ = data.load_dataset(args.data, "train", args.text_field, args.label_field)
+    counts = CountsLM.fit(data.encode([r.text for r in data.train_val_split(reviews)[0]]))
+    reference = {"unigram": counts.unigram_nll(tokens), "bigram": counts.bigram_nll(tokens)}
+    print("cross-entropy per masked token (nats) at masking rate t, the rest of the text visible")
+    width = max(12, *(len(n) + 2 for n in names))
+    print(f"{'t':<10}" + "".join(f"{n:>{width}}" for n in names))
+    for t in BY_T:
+        print(f"{t:<10g}" + "".join(f"{r['nats_per_masked_token']:>{width}.4f}" for r in by_t if r["t"] == t))
+    print(f"the same texts: unigram {reference['unigram']:.4f}, bigram {reference['bigram']:.4f} nats/token "
+          "(counts from the training texts; a model at the unigram's value reads no context)")
+    return reference
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ Each PATH is recognised by its content:
       the posteriors it reports (accuracy per confidence bin against the diagonal, the bin counts
       beneath) and their ECE, over the texts that have a label; with --novelty-data, also
       <stem>_novelty.png: histograms of the novelty score (nats/token) of its texts and of the others;
-  a `baselines.py --json` file                           -> a point of learning_curve.png.
+  a `baselines.py --json` file                           -> a point of learning_curve.png;
+  an `eval.py --by-t --json` file                        -> <stem>_by_t.png: the cross-entropy per masked token
+      against the masking rate t, one line per checkpoint, beside the unigram and bigram models of
+      the same texts (an eval.py JSON without --by-t has nothing to draw: said, and skipped).
 learning_curve.png: accuracy (95 % Wilson intervals) against the number of labeled training texts,
 log axis, one line per model: every labeled classify.py JSON whose checkpoint records its labels,
 split by whether it trained on unlabeled texts, and every baselines.py JSON (several --seed draws
@@ -67,12 +70,14 @@ def read_input(path: str) -> tuple[str, object]:
         pass  # not text: none of the three (below)
     if isinstance(doc, dict) and "rows" in doc:
         return "curve", doc
+    if isinstance(doc, dict) and "results" in doc and "checkpoints" in doc:  # before "texts": eval.py's has them too
+        return "eval", doc
     if isinstance(doc, dict) and "texts" in doc:
         return "classify", doc
     if isinstance(doc, dict) and "models" in doc and "n_train" in doc:
         return "baselines", doc
-    raise InputError(f"{path}: not a run folder (log.jsonl), a variance.py --curve JSON, a classify.py --json or a "
-                     "baselines.py --json file")
+    raise InputError(f"{path}: not a run folder (log.jsonl), a variance.py --curve JSON, a classify.py --json, an "
+                     "eval.py --json or a baselines.py --json file")
 
 
 def training_series(log: Path) -> dict:
@@ -194,6 +199,22 @@ def novelty_figure(plt, doc: dict, name: str):
     return fig
 
 
+def by_t_figure(plt, doc: dict, name: str):
+    """Cross-entropy per masked token against t, one line per checkpoint, from an eval.py --by-t JSON,
+    with the unigram and bigram cross-entropies of the same texts as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, ckpt in enumerate(dict.fromkeys(r["checkpoint"] for r in doc["by_t"])):
+        rows = sorted((r["t"], r["nats_per_masked_token"], r["name"]) for r in doc["by_t"] if r["checkpoint"] == ckpt)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", color=f"C{i}", label=rows[0][2])
+    for value, style, label in [(doc["reference"]["unigram"], "--", "unigram"), (doc["reference"]["bigram"], ":", "bigram")]:
+        ax.axhline(value, ls=style, color="k", lw=1, label=f"{label} counts model: {value:.3f}")
+    ax.set(xlabel="masking rate t (the rest of the text visible)", ylabel="cross-entropy per masked token (nats)",
+           title=f"{name}: does the model read its context? ({doc['results'][0]['n_texts']} texts)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def training_figure(plt, runs: list[tuple[str, dict]]):
     """One figure of every run's training loss and validation NELBO (nats/token) against the step; one colour per run."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -269,7 +290,7 @@ def attempt(path: str, action):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs, baselines.py JSONs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs, eval.py JSONs, baselines.py JSONs")
     p.add_argument("--out", default=".", help="folder for the PNGs (default: the current directory)")
     args = p.parse_args(argv)
     plt = pyplot()
@@ -286,6 +307,11 @@ def main(argv=None):
         figures.append((f"{Path(path).stem}_reliability.png", path, draw))
         if "other" in doc.get("novelty", {}):
             figures.append((f"{Path(path).stem}_novelty.png", path, partial(novelty_figure, plt, doc, Path(path).stem)))
+    for path, doc in ((path, doc) for path, kind, doc in inputs if kind == "eval"):
+        if "by_t" in doc:
+            figures.append((f"{Path(path).stem}_by_t.png", path, partial(by_t_figure, plt, doc, Path(path).stem)))
+        else:
+            print(f"{path}: an eval.py JSON without --by-t: nothing to draw, skipped", file=sys.stderr)
     classified = [doc for _, kind, doc in inputs if kind == "classify"]
     base = [doc for _, kind, doc in inputs if kind == "baselines"]
     if base or sum(doc.get("labeled_limit") is not None and "accuracy" in doc for doc in classified) >= 2:

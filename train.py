@@ -25,10 +25,13 @@ its test split first) less a validation set: 5% of each class, seed 0, the same 
 A text longer than model_length contributes a random window of model_length tokens each time it
 is drawn (data.crop), seeded by the micro-batch index, so a resumed run sees the same windows.
 
-Objective: the continuous-time NELBO of diffusion.py (--class all: of (label, text), joint_nelbo), in nats per real token of the whole
-optimizer step (the NELBOs of all its micro-batches, on all processes, summed and divided by the
-step's real tokens, so a token weighs the same in a short text as in a long one), with
-antithetic t over each micro-batch; or (--objective atat) MDLM-ATAT's importance-tilted masking
+Objective: the masked-token cross-entropy of the forward process (diffusion.train_weight: every
+masked token weighted alike, where the NELBO of Eq. 11 weights it 1/t; the 1/t weight kept a CPU-sized
+model at the unigram plateau, docs/lm_plateau.md), over (label, text) with --class all
+(joint_nelbo), in nats per real token of the whole optimizer step (summed over all its
+micro-batches, on all processes, and divided by the step's real tokens, so a token weighs the same
+in a short text as in a long one), with antithetic t over each micro-batch; validation reports the
+NELBO itself; or (--objective atat) MDLM-ATAT's importance-tilted masking
 with a curriculum (atat.py; its estimator trains beside the DiT, validation stays the plain
 NELBO). AdamW, linear warmup then a constant lr or (--lr-schedule cosine) a cosine decay to 1 %,
 grad-norm clipping at 1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the weights, started from the *loaded* weights, is what gets
@@ -79,8 +82,11 @@ import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
+from ngram import CountsLM
 
-FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training
+FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training (small)
+CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 800}  # --init scratch without a GPU: docs/lm_plateau.md
+MAX_STEPS = 1000  # any other start
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
 ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup and schedule)
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
@@ -104,13 +110,15 @@ def parse_args(argv=None):
     p.add_argument("--class", dest="cls", required=True,
                    help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one joint model over (label, text) on every text")
     data.add_data_args(p)
-    p.add_argument("--init", default="hf", help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', or a "
-                   "checkpoint folder / hub id")
+    p.add_argument("--init", default="auto", help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', a "
+                   "checkpoint folder / hub id, or auto: hf on a GPU, scratch (the CPU recipe) without one")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny "
                    "without one)")
-    p.add_argument("--max-steps", type=data.positive(), default=1000, help="optimizer steps")
+    p.add_argument("--max-steps", type=data.positive(),
+                   help=f"optimizer steps (default {CPU_RECIPE['max_steps']} for tiny from scratch, else {MAX_STEPS})")
     p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
-    p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
+    p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} "
+                   f"small from scratch, {CPU_RECIPE['lr']} tiny)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
                    help="--class all, few labels: keep N labeled train texts (N / C per class, drawn with --seed: "
                         "data.labeled_limit) and train on every other train text as an unlabeled one")
@@ -135,7 +143,8 @@ def parse_args(argv=None):
     a.add_argument("--grad-accum", type=data.positive(),
                    help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum "
                         "texts; None: one per process)")
-    a.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (0: none)")
+    a.add_argument("--warmup-steps", type=int, help="linear warmup steps (0: none; default 100, or an eighth of "
+                   "--max-steps when that is shorter)")
     a.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
     a.add_argument("--ema-decay", type=float, default=0.9999)
@@ -154,6 +163,14 @@ def parse_args(argv=None):
     a.add_argument("--atat-estimator-weight", type=float, default=1.0,
                    help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
     args = p.parse_args(argv)
+    talk = int(os.environ.get("RANK", 0)) == 0 and not args.resume
+    if args.init == "auto":  # stored resolved, as the rest below: --resume compares what ran
+        sized = args.preset is not None or args.adaptive_head is not None  # a model size asks for scratch
+        args.init = "hf" if torch.cuda.is_available() and not sized else "scratch"
+        if talk and not sized:
+            said = f"a GPU is here: fine-tuning {DEFAULT_REPO}" if args.init == "hf" else "no GPU here: the CPU recipe from scratch"
+            print(f"--init auto: {said} (--init hf|scratch|DIR chooses)", file=sys.stderr)
+            talk = False  # one line: the preset below goes without saying
     for flag in ("preset", "adaptive_head"):
         if getattr(args, flag) is not None and args.init != "scratch":
             p.error(f"--{flag.replace('_', '-')} applies to --init scratch only (a loaded checkpoint brings its own config)")
@@ -161,7 +178,7 @@ def parse_args(argv=None):
     if args.adaptive_head is not None and not 0 <= 4 * args.adaptive_head < real:
         p.error(f"argument --adaptive-head: must be 0 (full head) or 1..{(real - 1) // 4} (4 S below the {real:,} tokens), "
                 f"got {args.adaptive_head}")
-    if args.warmup_steps < 0:
+    if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
@@ -184,13 +201,17 @@ def parse_args(argv=None):
         p.error(f"argument --atat-width: must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {args.atat_width}")
     if not args.atat_estimator_weight >= 0:
         p.error(f"argument --atat-estimator-weight: must be >= 0, got {args.atat_estimator_weight}")
-    args.lr = args.lr or (SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
-    if args.init == "scratch" and args.preset is None:  # stored resolved: --resume compares what ran
+    if args.init == "scratch" and args.preset is None:
         args.preset = "small" if torch.cuda.is_available() else "tiny"
-        if int(os.environ.get("RANK", 0)) == 0 and not args.resume:
+        if talk:
             size = "169.6M parameters, on the GPU" if args.preset == "small" else "8.2M parameters: no GPU here"
             print(f"--init scratch: the {args.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
-    if args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
+    recipe = args.init == "scratch" and args.preset == CPU_RECIPE["preset"]
+    args.lr = args.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
+    args.max_steps = args.max_steps or (CPU_RECIPE["max_steps"] if recipe else MAX_STEPS)
+    if args.warmup_steps is None:
+        args.warmup_steps = min(100, args.max_steps // 8)
+    elif args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
               f"{args.max_steps}/{args.warmup_steps} of --lr {args.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
     return args
@@ -294,26 +315,28 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: this process's MicroBatches; step_tokens: the real tokens of the whole step, over all
-    micro-batches and processes. The gradient is that of sum(NELBO) / step_tokens, nats per real token of the step
+    micro-batches and processes. The gradient is that of sum(loss) / step_tokens, nats per real token of the step
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
     Gradients are all-reduced once, on the last micro-batch.
 
     A model with a label slot (parts carry labels) trains the hybrid objective
 
-        L = sum_i NELBO(y_i, x_i) / step_tokens  +  λ * sum_{i labeled} -log p_theta(y_i | x_i) / step_labeled
+        L = sum_i D(y_i, x_i) / step_tokens  +  λ * sum_{i labeled} -log p_theta(y_i | x_i) / step_labeled
 
-    (λ = disc_weight; step_labeled: the step's labeled texts): the NELBO of (label, text)
-    (diffusion.joint_nelbo, an upper bound on -log p(y, x) per text, in nats per token) plus λ times
+    (λ = disc_weight; step_labeled: the step's labeled texts): D, the denoising loss of (label, text)
+    (diffusion.joint_nelbo with diffusion.train_weight: the NELBO's terms with the masked tokens
+    weighted alike instead of by 1/t; its minimiser is the NELBO's) plus λ times
     the mean cross-entropy of the true label under the posterior readout (a masked slot, the text
     clean: exactly what classify.py reads, diffusion.label_posterior). The first term alone is a
     maximum-likelihood fit of the joint p(y, x); the second is the conditional likelihood of the
     labels, the discriminative objective (a hybrid generative-discriminative fit, e.g. Bouchard &
     Triggs 2004, Lasserre et al. 2006). λ = 0 skips the clean pass entirely (the purely generative step).
-    The returned loss is the first term, the NELBO of (label, text) per text token (its slot terms
+    The returned loss is the first term per text token (its slot terms
     included; validation's val_nats_per_token is the text's NELBO alone, the slot clamped); disc is
     the second, unweighted (a float64 tensor, or None without a slot or at λ = 0).
 
-    Without atat_step a token is masked where u < move_chance(t) (the plain forward process). With
+    Without atat_step a token is masked where u < move_chance(t) (the plain forward process) and
+    weighted by train_weight (a class model: the same loss without the slot). With
     it, the estimator scores x0 and atat.mask_with_scores masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
     unbiased NELBO otherwise, see atat.py), and weight x atat.estimator_loss (per micro-batch,
     averaged over the step's micro-batches) trains the estimator on the detached per-token losses.
@@ -331,7 +354,8 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
             if labels is not None:  # the label slot: the NELBO of (label, text), and the readout's cross-entropy
                 masked = diffusion.mask_positions(t, attention_mask, u=part.u)
                 slot_masked = part.slot_u < diffusion.move_chance(t)
-                out = diffusion.joint_nelbo(model, x0, t, masked, attention_mask, labels, slot_masked, disc=disc_weight > 0)
+                out = diffusion.joint_nelbo(model, x0, t, masked, attention_mask, labels, slot_masked, disc=disc_weight > 0,
+                                            weight=diffusion.train_weight(t))
                 if disc_weight > 0:  # the readout of the labeled texts only
                     out, readout = out
                     ce = -readout.gather(1, labels[labels < readout.shape[1]][:, None])
@@ -341,7 +365,8 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
                 total = nats + disc_weight * disc if disc_weight > 0 else nats
             elif atat_step is None:
                 masked = diffusion.mask_positions(t, attention_mask, u=part.u)
-                nats = diffusion.nelbo(model, x0, t, masked, attention_mask).sum() / step_tokens
+                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
+                nats = diffusion.weighted_sum(nll, masked, diffusion.train_weight(t)[:, None]).sum() / step_tokens
                 total = nats
             else:
                 scores = atat_step.estimator(x0, attention_mask)
@@ -465,7 +490,7 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     # through the optimizer's own loader: it places and casts the moments as its implementation (fused, capturable) needs
     opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
     if seeding != SEEDING and int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: {path} was written before diffusion.draw_seed (session 5): it continues with other windows, "
+        print(f"warning: {path} was written before diffusion.draw_seed: it continues with other windows, "
               "masks and dropout than its first run would have had", file=sys.stderr)
     if saved.get("unlabeled") and saved.get("cls") == "all" and batching != BATCHING and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {path} was written before labeled and unlabeled texts shared every micro-batch half and half: "
@@ -531,6 +556,7 @@ class Run:
     last_saved: int | None = None
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    reference: dict = dataclasses.field(default_factory=dict)  # the counts models' nats/token on the val texts
 
     def intact(self) -> str:
         return (f"the last checkpoint in {self.args.out} (step {self.last_saved}) is intact" if self.last_saved is not None
@@ -607,9 +633,12 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
         print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
+    # a NELBO at the unigram's cross-entropy means a model that reads no context (ngram.py)
+    counts = CountsLM.fit(tokens)
+    reference = {"val_unigram_nats": counts.unigram_nll(val_tokens), "val_bigram_nats": counts.bigram_nll(val_tokens)}
     return Run(args, rank, world, device, model, ema, opt, estimator, ddp, est_ddp, tokens, text_labels, n_classes, classes,
                val_tokens, val_labels, prior, meta, MicroBatches(lengths, unlabeled, args.batch_size, args.seed),
-               step, step if args.resume else None)
+               step, step if args.resume else None, reference=reference)
 
 
 def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
@@ -703,7 +732,7 @@ def validate(run: Run) -> dict:
             record[f"val_nats_per_token_{run.classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
     if not math.isfinite(nats):
         fail(f"error: validation NELBO is {nats} at step {run.step}; not saved, {run.intact()}")
-    return {**record, "val_ppl_bound": math.exp(nats)}
+    return {**record, "val_ppl_bound": math.exp(nats), **run.reference}
 
 
 def report(record: dict) -> str:
@@ -711,7 +740,9 @@ def report(record: dict) -> str:
     extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
     accuracy = (f", val accuracy {record['val_accuracy_posterior']:.4f} posterior / {record['val_accuracy']:.4f} "
                 f"nelbo (agree {record['val_readout_agreement']:.2f})") if "val_accuracy" in record else ""
-    return (f"step {record['step']}: val NELBO {record['val_nats_per_token']:.4f} nats/token{extra}, "
+    counts = (f" (unigram {record['val_unigram_nats']:.2f}, bigram {record['val_bigram_nats']:.2f})"
+              if "val_unigram_nats" in record else "")
+    return (f"step {record['step']}: val NELBO {record['val_nats_per_token']:.4f} nats/token{counts}{extra}, "
             f"ppl <= {record['val_ppl_bound']:.1f}{accuracy}, {record['tokens_per_s']:.0f} tokens/s")
 
 

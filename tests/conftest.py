@@ -25,6 +25,17 @@ if _cache.is_dir() or _user_tiktoken:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache) if _cache.is_dir() else _user_tiktoken
 os.environ["HF_HOME"] = str(Path(tempfile.gettempdir()) / "mdlm-tests-hf-home")  # a hub cache of the tests' own
 
+def pytest_sessionstart(session):
+    """The suite tokenizes with GPT-2's BPE: without it, stop at once with one line that says so (not
+    dozens of failures that each say it)."""
+    import data
+    try:
+        data.get_tokenizer()
+    except data.DataError as e:
+        pytest.exit(f"the tests need the GPT-2 BPE (network once, or ../shared/tiktoken_cache beside the checkout): {e}",
+                    returncode=1)
+
+
 WORDS = {"pos": "great wonderful superb loved brilliant moving".split(),
          "neg": "awful terrible boring hated worst dull".split()}
 

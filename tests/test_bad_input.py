@@ -193,6 +193,10 @@ def test_input_file_errors(pair, tmp_path, capsys):
         message = error_of(classify.main, "--ckpt0", root / "neg", "--ckpt1", root / "pos", "--input", tmp_path / name,
                            capsys=capsys)
         assert f"--input {tmp_path / words}" in message
+    (tmp_path / "two.txt").write_text("one text\nanother\n")
+    message = error_of(classify.main, "--ckpt0", root / "neg", "--ckpt1", root / "pos", "--input", tmp_path / "two.txt",
+                       "--limit", 1, capsys=capsys)
+    assert "argument --input: scores every text" in message and "--limit" in message  # not silently ignored
 
 
 def test_long_input_lines_are_scored_whole_in_windows(pair, tmp_path, capsys):

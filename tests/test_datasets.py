@@ -83,7 +83,7 @@ def test_aclimdb_keeps_its_own_splits_and_class_order(imdb_tree):
     ("d.jsonl", '{"text": "a"}\n', ["line 1", "'label'", "--label-field"]),
     ("d.jsonl", '{"text": " ", "label": "x"}\n', ["line 1", "'text'", "--text-field"]),
     ("d.jsonl", '["a", "x"]\n', ["line 1", "JSON object"]),
-    ("d.csv", "body,label\na,x\n", ["no column 'text'", "body, label", "--text-field"]),
+    ("d.csv", "body,label\na,x\n", ["no column 'text' in the header row", "body, label", "--text-field"]),
     ("d.csv", "text,label\na,x\nb\n", ["line 3", "'label'"]),
     ("d.jsonl", "\n", ["no texts"]),
     ("d.txt", "a text\n", ["not a tar archive", ".jsonl or .csv"]),

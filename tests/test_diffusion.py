@@ -95,3 +95,13 @@ def test_per_text_draws_depend_only_on_the_text_seed():
     assert not m_a[:4, 5:].any()  # beyond a text's length nothing is masked
     u = ((t_a[:4] - D.SAMPLING_EPS) / (1 - D.SAMPLING_EPS)).sort().values
     torch.testing.assert_close(u.diff(), torch.full((3,), 0.25), atol=1e-6, rtol=0)
+
+
+def test_the_training_weight_is_flat_and_agrees_with_the_nelbo_for_a_context_free_model():
+    # a context-free model pays the same c nats at every masked token: E_t[w(t) move_chance(t)] c per token,
+    # which is c for the NELBO's w = 1/t (up to the eps terms) and must be c for the training weight too
+    t = torch.linspace(D.SAMPLING_EPS, 1, 200001, dtype=torch.float64)
+    nelbo = torch.trapezoid(D.loss_weight(t) * D.move_chance(t), t) / (1 - D.SAMPLING_EPS)
+    train = torch.trapezoid(D.train_weight(t) * D.move_chance(t), t) / (1 - D.SAMPLING_EPS)
+    assert float(train) == pytest.approx(1.0, abs=1e-6) and float(nelbo) == pytest.approx(1.0, abs=2e-3)
+    assert torch.all(D.train_weight(t) == D.train_weight(t)[0])  # no 1/t: the same weight at every t

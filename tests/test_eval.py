@@ -180,3 +180,23 @@ def test_eval_cli_on_a_text_file_and_bad_input(workdir, tmp_path):
     bad = run_cli("--ckpt", FIXTURE, "--input", texts, "--mc-samples", 2)  # vocab_size 64: no room for GPT-2 ids
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "vocab_size 64" in bad.stderr
+
+
+def test_eval_cli_by_t_beside_the_counts_models(workdir, tmp_path):
+    from collections import Counter
+    root, _ = workdir
+    out = tmp_path / "by_t.json"
+    res = run_cli("--ckpt", root / "uniform", "--data", root / "aclImdb", "--mc-samples", 2, "--by-t", "--json", out)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    # a context-free model with a zero head: every masked token costs log(50257), at every t
+    assert [r["t"] for r in doc["by_t"]] == [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99]
+    for r in doc["by_t"]:
+        assert r["masked_tokens"] > 0 and r["nats_per_masked_token"] == pytest.approx(math.log(GPT2), abs=1e-4), r
+    # the unigram reference by hand: these 6 train reviews are the test reviews (5 % of 3 rounds to no validation)
+    ids = [i for texts in REVIEWS.values() for text in texts for i in gpt2_ids(text)]
+    counts = Counter(ids)
+    unigram = -np.mean([math.log((counts[i] + 0.5) / (len(ids) + 0.5 * GPT2)) for i in ids])
+    assert doc["reference"]["unigram"] == pytest.approx(unigram)
+    assert doc["reference"]["bigram"] < unigram  # the same texts: their bigrams were all seen
+    assert "unigram" in res.stdout and "bits/token" in res.stdout

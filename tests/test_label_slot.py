@@ -107,7 +107,8 @@ def test_at_disc_weight_zero_a_step_is_the_generative_step_bit_for_bit():
     step = grads(model)
     model.zero_grad()
     torch.manual_seed(0)  # the micro-batch's dropout seed
-    (diffusion.joint_nelbo(model, x0, t, masked, am, labels, slot_masked).sum() / n_tokens).backward()
+    (diffusion.joint_nelbo(model, x0, t, masked, am, labels, slot_masked, weight=diffusion.train_weight(t)).sum()
+     / n_tokens).backward()
     assert torch.equal(step, grads(model))
     model.zero_grad()  # and λ > 0 is another step
     loss_1, _, disc_1 = train.step_backward(model, [micro_batch(x0, am, t, masked, labels, slot_masked)], n_tokens,
@@ -129,8 +130,9 @@ def test_the_discriminative_term_is_the_readouts_cross_entropy_on_the_clean_text
         readout = diffusion.label_posterior(model, x0, am)  # the slot masked, the text clean
     expected = -(readout[0, 1] + readout[1, 0] + readout[3, 1]) / 3  # the labeled rows only
     assert float(disc) == pytest.approx(float(expected), rel=1e-5)
-    with torch.no_grad():  # the reported loss is the generative term alone
-        generative = diffusion.joint_nelbo(model, x0, t, masked, am, labels, slot_masked).sum() / int(am.sum())
+    with torch.no_grad():  # the reported loss is the generative term alone, its masked tokens weighted alike
+        generative = diffusion.joint_nelbo(model, x0, t, masked, am, labels, slot_masked,
+                                           weight=diffusion.train_weight(t)).sum() / int(am.sum())
     assert float(loss) == pytest.approx(float(generative), rel=1e-5)
 
 

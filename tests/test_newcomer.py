@@ -193,7 +193,7 @@ def test_every_offline_requirement_is_named_at_once_before_any_data_loads(tmp_pa
     monkeypatch.setenv("IMDB_PATH", str(tmp_path / "nowhere.tar.gz"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--class", "all", "--out", str(tmp_path / "o")])  # --init hf, the default
+        train.main(["--class", "all", "--init", "hf", "--out", str(tmp_path / "o")])
     message = one_line(capsys)
     assert exit_.value.code == 1 and message.startswith("error: 3 things this command needs are missing: (1) ")
     assert "TIKTOKEN_CACHE_DIR" in message and "nowhere.tar.gz: no such file" in message

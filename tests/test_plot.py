@@ -194,7 +194,7 @@ def test_cli_errors_without_traceback(tmp_path):
     result = run_script("plot.py", tmp_path / "notes.txt", "--out", tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'notes.txt'}: not a run folder (log.jsonl), " \
-                                    "a variance.py --curve JSON, a classify.py --json or a baselines.py --json file"
+                                    "a variance.py --curve JSON, a classify.py --json, an eval.py --json or a baselines.py --json file"
     # matplotlib not installed: an import of it fails
     hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -230,3 +230,22 @@ def test_learning_curve_points_and_figure(tmp_path, plt):
     result = run_script("plot.py", tmp_path / "base.json", "--out", tmp_path / "png")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "png" / "learning_curve.png").read_bytes().startswith(PNG)
+
+
+def test_by_t_figure_and_an_eval_json_without_it(tmp_path, plt):
+    by_t = [{"checkpoint": c, "name": c, "t": t, "nats_per_masked_token": v}
+            for c, base in (("flat", 7.0), ("reads", 4.0)) for t, v in ((0.5, base + 1), (0.1, base))]
+    doc = {"checkpoints": ["flat", "reads"], "results": [{"n_texts": 5}], "texts": [], "by_t": by_t,
+           "reference": {"unigram": 7.2, "bigram": 5.4}}
+    fig = plot.by_t_figure(plt, doc, "x")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["reads"].get_xdata()) == [0.1, 0.5] and list(lines["reads"].get_ydata()) == [4.0, 5.0]  # sorted by t
+    assert list(lines["unigram counts model: 7.200"].get_ydata()) == [7.2, 7.2]
+    assert "bigram counts model: 5.400" in lines
+    (tmp_path / "by_t.json").write_text(json.dumps(doc))
+    (tmp_path / "plain.json").write_text(json.dumps({k: v for k, v in doc.items() if k not in ("by_t", "reference")}))
+    result = run_script("plot.py", tmp_path / "by_t.json", tmp_path / "plain.json", "--out", tmp_path / "png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "png" / "by_t_by_t.png").read_bytes().startswith(PNG)
+    assert "plain.json: an eval.py JSON without --by-t" in result.stderr and len(list((tmp_path / "png").iterdir())) == 1
