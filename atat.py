@@ -1,9 +1,10 @@
 """MDLM-ATAT: importance-aware adaptive masking with a curriculum, an optional training objective.
 
 Plain MDLM (diffusion.py) masks every real token of x0 independently with the same probability
-m = move_chance(t) and trains on the NELBO of Eq. 11 (Sahoo et al. 2024, arXiv 2406.07524):
+m = move_chance(t); train.py weights each masked token's cross-entropy by train_weight(t) (a
+constant; the NELBO of Eq. 11, Sahoo et al. 2024, arXiv 2406.07524, weights it by loss_weight(t)):
 
-    NELBO(x0) = E_t E_{x_t} [ sum over masked i of loss_weight(t) * -log p_theta(x0_i | x_t) ]   (nats)
+    loss(x0) = E_t E_{x_t} [ sum over masked i of train_weight(t) * -log p_theta(x0_i | x_t) ]   (nats)
 
 ATAT replaces the uniform masking rate by a per-token one, steered by how hard each token is to
 reconstruct:
@@ -18,8 +19,8 @@ reconstruct:
   * a three-phase curriculum (curriculum_tilt) sets the tilt lambda: -strength (easy tokens
     masked more) for the first phase, a linear ramp through the middle, +strength (hard tokens
     masked more) at the end;
-  * importance weighting (token_weights) scales each masked token's term by loss_weight(t) * m / p_i,
-    so the loss stays on the NELBO's scale (nats/token) and equals Eq. 11's weighting at lambda = 0.
+  * importance weighting (token_weights) scales each masked token's term by train_weight(t) * m / p_i,
+    so the loss stays on the plain step's scale (nats/token) and equals its weighting at lambda = 0.
 
 This file holds only these pieces; train.py wires them into `--objective atat`. Validation,
 eval.py, classify.py and every likelihood this project reports use the plain NELBO of diffusion.py
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from diffusion import loss_weight, move_chance
+from diffusion import move_chance, train_weight
 
 
 # ---- the importance estimator ---------------------------------------------------------------
@@ -201,25 +202,25 @@ def tilted_move_chance(t: torch.Tensor, scores: torch.Tensor, attention_mask: to
 
 
 def token_weights(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Loss weight of each masked token: w_i = loss_weight(t) * m / p_i, float32 [B, L].
+    """Loss weight of each masked token: w_i = train_weight(t) * m / p_i, float32 [B, L].
 
     t: float [B]; p: float [B, L], the masking probabilities of tilted_move_chance (on p's
     device). m = move_chance(t). Where p_i = 0 (padding, or a token the tilt never masks) w_i = 0:
     no division by zero, no NaN or inf.
 
     Inverse-propensity weighting: token i is masked with probability p_i instead of m, so
-    E[1{masked_i} w_i] = loss_weight(t) * m, and each token's own term keeps its plain-MDLM
-    expectation loss_weight(t) * m * E[-log p_theta(x0_i | x_t) | i masked].
+    E[1{masked_i} w_i] = train_weight(t) * m, and each token's own term keeps its expectation under
+    train.py's plain step, train_weight(t) * m * E[-log p_theta(x0_i | x_t) | i masked].
     This is NOT an unbiased estimate of the NELBO when tilt != 0: the training loss
     sum_i 1{masked_i} w_i * -log p_theta(x0_i | x_t) conditions each term on a context x_t drawn
     from the tilted process (the *other* tokens are masked at tilted rates), so
     E[-log p_theta(x0_i | x_t) | i masked] itself differs from the plain one. The correction keeps
-    the loss on the NELBO's scale (nats/token), so training curves of the two objectives are
-    comparable, and at tilt 0 (p_i == m) w_i is exactly the plain Eq. 11 weight loss_weight(t).
-    With |tilt| <= strength < 1, w_i <= loss_weight(t) / (1 - strength) (tilted_move_chance (a)).
+    the loss on the plain step's scale (nats/token), so training curves of the two objectives are
+    comparable, and at tilt 0 (p_i == m) w_i is exactly the plain step's weight train_weight(t)
+    (diffusion.py). With |tilt| <= strength < 1, w_i <= train_weight(t) / (1 - strength) (tilted_move_chance (a)).
     """
     m = move_chance(t).float().to(p.device)[:, None]
-    lw = loss_weight(t).float().to(p.device)[:, None]
+    lw = train_weight(t).float().to(p.device)[:, None]
     positive = p > 0
     ratio = m / torch.where(positive, p.float(), 1.0)  # m / m == 1 exactly at tilt 0
     return torch.where(positive, lw * ratio, 0.0)

@@ -405,7 +405,7 @@ def main():
     p.add_argument("--reviews", type=int, help="reviews scored per row (default 512 CUDA, 32 CPU)")
     p.add_argument("--naive-reviews", type=int, help="reviews scored by the slow naive path (default 32 CUDA, 2 CPU)")
     p.add_argument("--batch-size", type=int, help="reviews per forward pass, each with its K draws, as classify.py "
-                   "(None: 32 CUDA, 16 CPU; sessions 4-5 measured with 64 / 32 *sequences*)")
+                   "(None: 32 CUDA, 16 CPU; docs/speed.md's older tables used 64 / 32 *sequences*)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4], help="draws per review")
     p.add_argument("--real", action="store_true", help="real IMDB test reviews (a balanced subset) instead of synthetic ones")
     p.add_argument("--data", help="aclImdb tarball or folder for --real (default: $IMDB_PATH, else download)")

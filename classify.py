@@ -39,6 +39,7 @@ with its paired standard error over the draws. Ctrl-C writes the rows scored so 
 "partial": true, and exits with status 130.
 """
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -57,7 +58,7 @@ from cli import ArgumentParser, add_scoring_args, fail, init_distributed, prefli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
-from convert_hf import CheckpointError, atomic_write, load_hf, read_config
+from convert_hf import WEIGHTS, CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
@@ -209,7 +210,7 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     draws that fixed K = r x k in rounds of k would give it. The test is repeated after every
     round without correction, and after a first round of k = 2 draws the standard error has one
     degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
-    a stopping threshold whose worth was measured (README "Speed"), not a guaranteed error rate.
+    a stopping threshold whose worth was measured (docs/speed.md), not a guaranteed error rate.
     index: each text's index among all the texts being scored (default 0..N-1): the draws depend on
     it alone, so texts scored in slices, in any order, get the draws they would get scored at once. Raises ValueError unless max_draws is a multiple of
     k and z > 0, and ScoringError for a NaN or infinite NELBO (e.g. fp16 overflow), which would
@@ -313,8 +314,14 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
 
 
 def calibration_key(paths: list[str]) -> list[str]:
-    """What a calibration.json was fitted for: the checkpoint folders, resolved, in class order."""
-    return [str(Path(p).resolve()) for p in paths]
+    """What a calibration.json was fitted for: the SHA-256 of each checkpoint's model.safetensors, in
+    class order. The weights, not the folder: a folder copied, moved or mounted elsewhere keeps its fit,
+    and retrained weights in the same folder lose it."""
+    key = []
+    for p in paths:
+        with open(Path(p, WEIGHTS), "rb") as f:
+            key.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return key
 
 
 def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
@@ -365,7 +372,7 @@ def check_texts(texts) -> list[str]:
 class DiffusionClassifier:
     """A generative classifier from one joint MDLM over (label, text), or one MDLM per class, for use from Python.
 
-        clf = DiffusionClassifier(max_steps=800).fit(texts, labels)   # trains train.py's recipe in-process
+        clf = DiffusionClassifier().fit(texts, labels)   # trains train.py's CPU recipe in-process
         clf.save("ckpt/mine")                                         # a train.py checkpoint folder
         clf = DiffusionClassifier.from_checkpoints("ckpt/all")   # or ["ckpt/neg", "ckpt/pos"], one per class
         clf.classes_                # ['neg', 'pos'] (also clf.classes)
@@ -388,11 +395,11 @@ class DiffusionClassifier:
     def __init__(self, models: list | None = None, classes: list[str] | None = None, mc_samples: int = 2, seed: int = 0,
                  batch_size: int = 16, class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
                  max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo", log_prior=None, *,
-                 preset: str = "tiny", max_steps: int = 800, lr: float = 1e-3, disc_weight: float = 10.0,
-                 eval_every: int = 200, init: str = "scratch", out: str | None = None):
+                 preset: str = "tiny", max_steps: int | None = None, lr: float | None = None, disc_weight: float = 10.0,
+                 eval_every: int | None = None, init: str = "scratch", out: str | None = None):
         """Without models: an unfitted classifier holding fit's hyper-parameters (scikit-learn's convention),
-        the defaults train.py's README recipe (--class all --init scratch --preset tiny --lr 1e-3
-        --max-steps 800 --eval-every 200, --disc-weight 10, --batch-size batch_size, --seed seed);
+        the defaults train.py's (None: train.py's default, for tiny from scratch the CPU recipe,
+        train.CPU_RECIPE; --class all --disc-weight 10, --batch-size batch_size, --seed seed);
         init: "scratch", a checkpoint folder or a hub id (preset applies to scratch only); out: the
         checkpoint folder fit trains into (default: a new temporary folder, kept: see save).
         models: C scorers in class order, eval mode, on one device (one DiT per class, or one conditional DiT
@@ -489,9 +496,10 @@ class DiffusionClassifier:
         reviews = [data.Review(t, -1 if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
         hp = self.train_params
         out = hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-")
-        argv = ["--class", "all", "--init", hp["init"], "--max-steps", hp["max_steps"], "--lr", hp["lr"],
-                "--batch-size", self.batch_size, "--disc-weight", hp["disc_weight"], "--eval-every", hp["eval_every"],
+        argv = ["--class", "all", "--init", hp["init"], "--batch-size", self.batch_size, "--disc-weight", hp["disc_weight"],
                 "--seed", self.seed, "--out", out] + (["--preset", hp["preset"]] if hp["init"] == "scratch" else [])
+        argv += [x for flag, key in (("--max-steps", "max_steps"), ("--lr", "lr"), ("--eval-every", "eval_every"))
+                 if hp[key] is not None for x in (flag, hp[key])]
         unlabeled = [r for r in reviews if r.label < 0]
         argv += ["--unlabeled"] if unlabeled else []
         said = io.StringIO()
@@ -528,10 +536,8 @@ class DiffusionClassifier:
             return target
         for name in ("config.json", "model.safetensors"):
             shutil.copy2(source / name, target / name)
-        fits = read_calibrations(source / CALIBRATION)
-        if fits:  # each fit names the folders it was made for: now this one
-            fits = {key: {**fit, "checkpoints": calibration_key([str(target)])} for key, fit in fits.items()}
-            atomic_write(target / CALIBRATION, lambda f: f.write_text(json.dumps(fits, indent=1) + "\n"))
+        if (source / CALIBRATION).is_file():  # keyed by the weights (calibration_key): valid in the copy as it is
+            shutil.copy2(source / CALIBRATION, target / CALIBRATION)
         return target
 
     def nelbo(self, texts: list[str]) -> np.ndarray:

@@ -25,11 +25,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def short_description(doc: str, prog: str) -> str:
+    """--help's description from a module docstring: its first line and its example commands (the
+    indented `python ...` / `torchrun ...` lines); the prose stays in the file, where it is read."""
+    lines = doc.strip().splitlines()
+    examples = [line for line in lines if line.lstrip().startswith(("python ", "torchrun ")) and line.startswith("    ")]
+    return "\n".join([lines[0], "", *examples, "", f"How it works: the docstring at the top of {prog}; docs/design.md."])
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported in one line that points to --help (not a usage block)."""
+    """argparse, with a usage mistake reported in one line that points to --help (not a usage block),
+    and a description cut to the module docstring's first line and examples (short_description)."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
+        if self.description:
+            self.description = short_description(self.description, self.prog)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -50,7 +50,7 @@ class DiTConfig:
 PRESETS = {
     "small": DiTConfig(),  # = mdlm-owt-noeos, 169.6M parameters
     # CPU-sized: 2 blocks of width 128, 512 tokens (87% of IMDB reviews whole). Its adaptive head costs
-    # ~1/12 of a full 50,258-way one (README "Speed"); the 6.4M-entry embedding is most of its 8.2M parameters.
+    # ~1/12 of a full 50,258-way one (docs/speed.md); the 6.4M-entry embedding is most of its 8.2M parameters.
     "tiny": DiTConfig(model_length=512, hidden_dim=128, cond_dim=64, n_blocks=2, n_heads=4, adaptive_head=4096),
 }
 

@@ -85,8 +85,9 @@ from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 from ngram import CountsLM
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training (small)
-CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 800}  # --init scratch without a GPU: docs/lm_plateau.md
+CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 2000}  # --init scratch without a GPU: docs/lm_plateau.md
 MAX_STEPS = 1000  # any other start
+BASE = "none"  # --class none: a base model of p(text) on every text, labels unread
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
 ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup and schedule)
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
@@ -108,7 +109,9 @@ ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "preci
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--class", dest="cls", required=True,
-                   help="class name or index (IMDB: neg = 0, pos = 1), or 'all' for one joint model over (label, text) on every text")
+                   help="class name or index (IMDB: neg = 0, pos = 1), 'all' for one joint model over (label, text) on every "
+                        "text, or 'none' for a base model of p(text) on every train and unlabeled text, labels unread "
+                        "(fine-tune it with --class all --init DIR)")
     data.add_data_args(p)
     p.add_argument("--init", default="auto", help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', a "
                    "checkpoint folder / hub id, or auto: hf on a GPU, scratch (the CPU recipe) without one")
@@ -127,7 +130,7 @@ def parse_args(argv=None):
                         "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
                         "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
                         "labeled steps and accuracy, docs/label_token.md)")
-    p.add_argument("--eval-every", type=data.positive(), default=100, help="validate and checkpoint every N steps")
+    p.add_argument("--eval-every", type=data.positive(), default=250, help="validate and checkpoint every N steps")
     p.add_argument("--val-texts", "--val-reviews", dest="val_reviews", type=data.positive(), default=64,
                    help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     p.add_argument("--out", required=True, help="checkpoint folder")
@@ -186,7 +189,8 @@ def parse_args(argv=None):
         p.error(f"argument --disc-weight: must be >= 0, got {args.disc_weight}")
     if args.cls != "all" and (args.labeled_limit or args.unlabeled):
         p.error(f"argument --{'labeled-limit' if args.labeled_limit else 'unlabeled'}: applies to --class all (one joint "
-                "model over (label, text)); a class model trains on its own class's labeled texts")
+                "model over (label, text)); " + ("--class none trains on every text, unlabeled ones included"
+                                                 if args.cls == BASE else "a class model trains on its own class's labeled texts"))
     if args.unlabeled is None:  # stored resolved: --resume compares what ran
         args.unlabeled = args.labeled_limit is not None
     if args.unlabeled and args.batch_size < 2:
@@ -218,9 +222,9 @@ def parse_args(argv=None):
 
 
 def class_index(name: str, classes: list[str]) -> int | None:
-    """--class NAME_OR_INDEX -> index into classes (a name first, then a number); 'all' -> None.
-    Raises DataError for anything else."""
-    if name == "all":
+    """--class NAME_OR_INDEX -> index into classes (a name first, then a number); 'all' (and BASE,
+    'none', which reads no label) -> None. Raises DataError for anything else."""
+    if name in ("all", BASE):
         return None
     if name in classes:
         return classes.index(name)
@@ -235,8 +239,12 @@ def training_texts(args, reviews: list[data.Review], cls: int | None,
     seed 0: the same held-out set for every run); train is the rest, of class cls only (a class model),
     or (cls None) its --labeled-limit labeled texts (data.labeled_limit with --seed), then, with
     --unlabeled, the texts whose labels that drops and the unlabeled texts (label -1): `unsup`, or
-    (None) the data's unlabeled rows (data.load_dataset's 'unsup' split)."""
+    (None) the data's unlabeled rows (data.load_dataset's 'unsup' split). --class none (a base): every
+    train text with its label dropped (-1), then the unlabeled texts; never a val or test text."""
     train, val = data.train_val_split(reviews)
+    if args.cls == BASE:
+        unsup = data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0] if unsup is None else unsup
+        return [dataclasses.replace(r, label=-1) for r in train] + unsup, val
     if cls is not None:
         return [r for r in train if r.label == cls], val
     dropped = []
@@ -282,6 +290,9 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
     fresh = {k: v for k, v in conditional.state_dict().items() if k.startswith("label_")}
     conditional.load_state_dict({**model.state_dict(), **fresh}, strict=True)  # every loaded tensor, plus the slot
+    if int(os.environ.get("RANK", 0)) == 0 and not args.resume:
+        print(f"--init {args.init}: unconditional; every tensor loaded, plus a fresh label slot for {n_classes} classes: "
+              f"{', '.join(sorted(fresh))}", file=sys.stderr)
     return conditional.eval()
 
 
@@ -578,9 +589,10 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
         print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
               "two classes (a model per class, or --class all)", file=sys.stderr)
     train, val = training_texts(args, reviews, cls, unsup)
-    n_classes = len(classes) if cls is None else 0  # --class all: one joint model over (label, text)
+    base = args.cls == BASE  # p(text) alone: no label slot, validated on every class's held-out texts
+    n_classes = len(classes) if cls is None and not base else 0  # --class all: one joint model over (label, text)
     labels = range(len(classes)) if cls is None else [cls]
-    name = "all" if cls is None else classes[cls]
+    name = BASE if base else "all" if cls is None else classes[cls]
     if not train:
         raise data.DataError(f"class {name}: no texts to train on in {args.data or 'IMDB'}")
     tokens = data.encode([r.text for r in train])
@@ -629,7 +641,8 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         n_long = sum(len(ids) > max_len for ids in tokens)
-        kind = f"joint over (label, text), {int(unlabeled.sum())} unlabeled texts" if n_classes else "one class"
+        kind = (f"joint over (label, text), {int(unlabeled.sum())} unlabeled texts" if n_classes
+                else "a base of p(text), labels unread" if base else "one class")
         print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import atat
-from diffusion import antithetic_t, loss_weight, move_chance
+from diffusion import antithetic_t, move_chance, train_weight
 
 TILTS = [-1.0, -0.5, 0.5, 1.0]
 
@@ -99,12 +99,12 @@ def test_tilt_zero_is_the_plain_objective_bit_for_bit():
         assert torch.equal(masked, plain)
         assert torch.equal(p, torch.where(attention_mask, move_chance(t)[:, None].expand_as(p), 0.0))
         w = atat.token_weights(t, p)
-        expected = torch.where(attention_mask, loss_weight(t)[:, None].float().expand_as(w), 0.0)
+        expected = torch.where(attention_mask, train_weight(t)[:, None].float().expand_as(w), 0.0)
         assert torch.equal(w, expected)
 
 
 def test_tilt_zero_is_exact_over_a_fine_grid_of_t():
-    # 1-ulp differences (e.g. (1 - eps) t for move_chance(t), or (loss_weight * m) / p for loss_weight * (m / p))
+    # 1-ulp differences (e.g. (1 - eps) t for move_chance(t), or (train_weight * m) / p for train_weight * (m / p))
     # show up only at some t: check a fine grid of them
     g = torch.Generator().manual_seed(0)
     t = antithetic_t(300_000, g)
@@ -114,7 +114,7 @@ def test_tilt_zero_is_exact_over_a_fine_grid_of_t():
     masked, p = atat.mask_with_scores(t, scores, attention_mask, 0.0, u)
     assert torch.equal(p, move_chance(t)[:, None].expand_as(p))
     assert torch.equal(masked, u < move_chance(t)[:, None])
-    assert torch.equal(atat.token_weights(t, p), loss_weight(t)[:, None].expand_as(p))
+    assert torch.equal(atat.token_weights(t, p), train_weight(t)[:, None].expand_as(p))
 
 
 # ---- (iii) the curriculum: easy tokens first, hard tokens last ---------------------------------
@@ -278,8 +278,8 @@ def test_token_weights_are_finite_and_zero_where_never_masked():
         p = atat.tilted_move_chance(t, scores, attention_mask, tilt)
         w = atat.token_weights(t, p)
         assert torch.isfinite(w).all() and torch.all(w[p == 0] == 0) and torch.all(w[~attention_mask] == 0)
-        if abs(tilt) < 1:  # bounded by loss_weight / (1 - |tilt|)
-            assert torch.all(w <= loss_weight(t)[:, None] / (1 - abs(tilt)) * (1 + 1e-5))
+        if abs(tilt) < 1:  # bounded by train_weight / (1 - |tilt|)
+            assert torch.all(w <= train_weight(t)[:, None] / (1 - abs(tilt)) * (1 + 1e-5))
     # tilt 1 at m <= 1/2: the token farthest below the mean is never masked (p = 0), and weighs 0
     t = torch.tensor([0.3])
     p = atat.tilted_move_chance(t, torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5]]), torch.tensor([[True] * 4 + [False]]), 1.0)
@@ -290,7 +290,7 @@ def test_token_weights_are_finite_and_zero_where_never_masked():
 @pytest.mark.parametrize("tilt", [-0.8, 0.8])
 def test_weighted_loss_keeps_each_tokens_plain_expectation(tilt):
     # a per-token "nll" that does not depend on the context, correlated with the score:
-    # E[sum_i 1{masked_i} w_i nll_i] must equal the plain E = loss_weight(t) m sum_i nll_i
+    # E[sum_i 1{masked_i} w_i nll_i] must equal the plain E = train_weight(t) m sum_i nll_i
     g = torch.Generator().manual_seed(0)
     B, L, N = 4, 30, 4000
     t = torch.tensor([0.2, 0.5, 0.7, 0.95])
@@ -303,10 +303,10 @@ def test_weighted_loss_keeps_each_tokens_plain_expectation(tilt):
     w = atat.token_weights(rep(t), p)
     draws = (masked * w * rep(nll)).sum(1).double().reshape(N, B)
     estimate, se = draws.mean(0), draws.std(0) / math.sqrt(N)
-    expected = (loss_weight(t) * move_chance(t)).double() * nll.double().sum(1)
+    expected = (train_weight(t) * move_chance(t)).double() * nll.double().sum(1)
     assert torch.all((estimate - expected).abs() < 4 * se), (estimate, expected, se)
     # the unweighted tilted loss is biased here (what the weights are for): the check can tell
-    unweighted = (masked * loss_weight(rep(t))[:, None] * rep(nll)).sum(1).double().reshape(N, B).mean(0)
+    unweighted = (masked * train_weight(rep(t))[:, None] * rep(nll)).sum(1).double().reshape(N, B).mean(0)
     assert ((unweighted - expected).abs() > 8 * se).any()
 
 

@@ -248,16 +248,16 @@ def test_bad_classify_arguments(pair, capsys, argv, words):
 # ---- numerical -----------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pair, tmp_path, monkeypatch, capsys, bad):
-    real, calls = diffusion.nelbo, []
+    real, calls = diffusion.token_nll, []
 
     def poisoned(model, *args):  # the 3rd training micro-batch (step 3) gets a non-finite loss
-        nelbo = real(model, *args)
+        nll = real(model, *args)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 3:
-                return nelbo * bad
-        return nelbo
-    monkeypatch.setattr(diffusion, "nelbo", poisoned)
+                return nll * bad
+        return nll
+    monkeypatch.setattr(diffusion, "token_nll", poisoned)
     out = tmp_path / "o"
     message = train_error(pair, tmp_path, "--class", 0, "--max-steps", 4, "--eval-every", 2, "--out", out, capsys=capsys)
     assert message.startswith(f"error: loss {bad}") and "at step 3; stopped before the update" in message

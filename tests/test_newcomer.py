@@ -167,7 +167,7 @@ def test_help_shows_defaults_and_one_meaning_of_batch_size():
     def help_of(text: str, flag: str) -> str:  # the help of one option, on one line
         options = text.split("\noptions:", 1)[1]
         return " ".join(re.search(rf"\n  {flag} [A-Z_]+\s+(.*?)(?=\n  -|\Z)", options, re.S).group(1).split())
-    for script, flag, default in [("train.py", "--max-steps", "1000"), ("classify.py", "--mc-samples", "2"),
+    for script, flag, default in [("train.py", "--batch-size", "16"), ("classify.py", "--mc-samples", "2"),
                                   ("eval.py", "--mc-samples", "4"), ("classify.py", "--batch-size", "16")]:
         result = run_script(script, "--help")
         assert result.returncode == 0
