@@ -290,7 +290,7 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     conditional = DiT(dataclasses.replace(model.config, n_classes=n_classes))
     fresh = {k: v for k, v in conditional.state_dict().items() if k.startswith("label_")}
     conditional.load_state_dict({**model.state_dict(), **fresh}, strict=True)  # every loaded tensor, plus the slot
-    if int(os.environ.get("RANK", 0)) == 0 and not args.resume:
+    if int(os.environ.get("RANK", 0)) == 0 and not getattr(args, "resume", False):  # said once, not on --resume
         print(f"--init {args.init}: unconditional; every tensor loaded, plus a fresh label slot for {n_classes} classes: "
               f"{', '.join(sorted(fresh))}", file=sys.stderr)
     return conditional.eval()
