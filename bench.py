@@ -11,7 +11,7 @@ and with the adaptive-softmax head (model.FinalLayer).
 Training: tokens/s, ms per optimizer step (NELBO forward + backward, grad clip, AdamW, EMA, as in
 train.py) on full-length sequences packed from the reviews, peak memory, model GFLOP/s
 (flops_per_token x tokens/s) and MFU. Classification: reviews/s scoring a class pair (two
-models, common random numbers) with classify.score_texts at K draws per review, on real IMDB
+models, common random numbers) with scoring.score_texts at K draws per review, on real IMDB
 test reviews (--real) or synthetic ones (lengths like IMDB test: lognormal through median 219 and
 p90 574 GPT-2 tokens; ids by Zipf's law). The baselines of the ratios are measured in the same
 run: the naive path (fp32, batch of 1, every review padded to 512 tokens, logits at every
@@ -21,7 +21,7 @@ vs padded batches (padded = batches in input order, padded to their longest revi
 torch.compile (--compile). Readouts: one joint model over (label, text) (the last preset and head,
 n_classes = 2), reviews/s of Bayes rule over its two class NELBOs (fixed K = 2, and classify.py's
 sequential default: rounds of 2 up to 8 draws) against the one-pass posterior readout
-(classify.score_posterior), as ratios to the first row. --json OUT writes every table.
+(scoring.score_posterior), as ratios to the first row. --json OUT writes every table.
 Peak memory: torch.cuda.max_memory_allocated on CUDA (reset before each row); on CPU the process's
 max RSS (getrusage), which only grows during the run. Warm-up runs are not timed.
 """
@@ -43,6 +43,7 @@ import data
 from cli import ArgumentParser
 import diffusion
 import model as dit
+import scoring
 import train
 from convert_hf import atomic_write
 from model import DiT, DiTConfig, PRESETS, set_runtime
@@ -112,7 +113,7 @@ def random_model(cfg: DiTConfig, seed: int) -> DiT:
 def score_naive(models: list, token_lists: list[list[int]], k: int, seed: int, device,
                 pad_to: int = NAIVE_LEN) -> np.ndarray:
     """How the earlier team scored: one (review, draw) per forward pass, padded to pad_to tokens,
-    logits and SUBS at every position. Same draws and result as classify.score_texts: float64 [N, C] nats."""
+    logits and SUBS at every position. Same draws and result as scoring.score_texts: float64 [N, C] nats."""
     mask_index = models[0].config.vocab_size - 1
     out = np.zeros((len(token_lists), len(models)))
     for i, ids in enumerate(token_lists):
@@ -140,7 +141,7 @@ def in_order_batches(lengths: list[int], batch_size: int, rng=None) -> list[list
 def variant(models: list, fp32: bool = False, sdpa: bool = False, padded: bool = False):
     """Run the models (model.DiT, or torch.compile of one) in float32 rather than the device's default
     precision (bf16 on CUDA), with SDPA instead of flash-attn's varlen kernel (model.set_runtime),
-    and/or with classify.score_texts batching reviews in input order instead of by length."""
+    and/or with scoring.score_texts batching reviews in input order instead of by length."""
     for m in models:
         m = getattr(m, "_orig_mod", m)  # the model inside torch.compile's wrapper
         set_runtime(m, "fp32" if fp32 else "auto")
@@ -276,12 +277,12 @@ def bench_train(cfg, device, args, compile_: bool, tokens, rank, **flags) -> dic
 
 def bench_score(models, tokens, k, device, args, warmup: int = 0, naive: bool = False, **flags) -> dict:
     """reviews/s, peak memory and NELBOs [N, C] (to check that every path computes the same thing) of
-    scoring `tokens` with every model at k draws per review (classify.score_texts, or score_naive),
+    scoring `tokens` with every model at k draws per review (scoring.score_texts, or score_naive),
     after `warmup` untimed calls on 2 reviews with 1 draw."""
     def score(toks, k):
         if naive:
             return score_naive(models, toks, k, args.seed, device)
-        return classify.score_texts(models, toks, k, args.seed, args.batch_size, device)
+        return scoring.score_texts(models, toks, k, args.seed, args.batch_size, device)
 
     with variant(models, **flags):
         for _ in range(warmup):
@@ -386,7 +387,7 @@ def readout_table(cfg: DiTConfig, device, args, tokens, rank, report) -> None:
         seconds, draws = timed(lambda i: clf.draws(tokens), device, 0, 1)
         rate = len(tokens) / seconds
         base = base or rate
-        rows.append({"variant": name, "reviews/s": f"{rate:.1f}", "draws/review": f"{np.mean(classify.draws_taken(draws)):.2f}",
+        rows.append({"variant": name, "reviews/s": f"{rate:.1f}", "draws/review": f"{np.mean(scoring.draws_taken(draws)):.2f}",
                      "vs first row": f"{rate / base:.2f}x"})
     report(f"readouts of one joint model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
            f"{'adaptive head ' + str(cfg.adaptive_head) if cfg.adaptive_head else 'full head'}), {len(tokens)} reviews, "

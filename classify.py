@@ -2,7 +2,7 @@
 
 Two readouts (--readout). "posterior" (the default for a joint checkpoint, train.py --class all):
 the model over (label, text) reads p(c | text) from its denoiser at the masked label slot with the
-text clean, one forward pass per window (diffusion.label_posterior, score_posterior), no
+text clean, one forward pass per window (diffusion.label_posterior, scoring.score_posterior), no
 Monte-Carlo draws; the score of class c is -log p(c | text). "nelbo" (per-class models, or a joint
 checkpoint with its slot clamped to c): the scorer of class c gives an upper bound
 NELBO_c(x) >= -log p(x | c) (diffusion.py), and a text gets label argmax_c [log prior_c - NELBO_c(x)].
@@ -14,7 +14,7 @@ cancels in the comparison. Two estimators: "time" (default; t ~ U antithetic, we
 diffusion.nelbo, Eq. 11) and "count" (k ~ U{1..n} masked tokens, weight n/k:
 diffusion.nelbo_count); README "Results" has their measured standard errors. A text longer than model_length is scored whole:
 the NELBOs of its disjoint windows (data.windows) are summed. Sequential scoring (--max-draws,
-score_sequential) spends the draws where they are needed: rounds of K draws, and a text whose
+scoring.score_sequential) spends the draws where they are needed: rounds of K draws, and a text whose
 margin is already more than --z standard errors from 0 gets no more.
 
 From Python (a notebook):
@@ -51,15 +51,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import calibration
 from cli import ArgumentParser, add_scoring_args, fail, init_distributed, preflight, run_cli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
-import diffusion
 from convert_hf import WEIGHTS, CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
+from scoring import (ESTIMATORS, ScoringError, draws_taken, most_draws, paired_margin, score_draws, score_posterior,
+                     score_sequential)
+import train
 
 CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 CALIBRATION_TEXTS = 200  # --calibrate's default for the NELBO readout (IMDB, 2 class models, CPU: about a minute)
@@ -70,198 +71,11 @@ SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C 
 
 
 READOUTS = ("posterior", "nelbo")  # the one-pass label-slot posterior (joint checkpoints), Bayes rule over class NELBOs
-ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
-
-
-@torch.inference_mode()
-def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
-                class_labels: list | None = None, estimator: str = "time", progress: bool = False,
-                index: list[int] | None = None, stream: int = 0) -> np.ndarray:
-    """NELBO of every text under every scorer, per Monte-Carlo draw, in nats: float64 [N, C, K].
-
-    models: C scorers (one DiT per class, or one conditional DiT repeated C times); class_labels:
-    None, or C entries (int class label for a conditional model, None for "no class" / an
-    unconditional model). estimator: "time" (diffusion.nelbo with per_text_draws, Eq. 11) or
-    "count" (diffusion.nelbo_count with per_text_count_draws). The mean over the last axis is the K-draw
-    NELBO estimate. token_lists: N non-empty lists of token ids, of any length. A text longer than
-    model_length is split into disjoint windows (data.windows); its draw j is the sum of its windows'
-    draws j. Window w of text i uses the draws of diffusion.draw_seed(seed, index[i], w, stream) for every
-    scorer (common random numbers), whatever batch it lands in; index (default 0..N-1) names the
-    texts, stream numbers independent sets of K draws (score_sequential's rounds). batch_size counts texts
-    (windows) per forward pass, each with its k draws: a forward holds batch_size x k sequences. Under torchrun each rank scores
-    every world-th batch and the results are summed across ranks. Raises ValueError for an unknown
-    estimator (and, from nelbo_count, for a time-conditioned model).
-    """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
-    class_labels = class_labels or [None] * len(models)
-    max_len = models[0].config.model_length
-    pieces, owners, seeds = [], [], []
-    for i, ids in enumerate(token_lists):
-        for w, piece in enumerate(data.windows(ids, max_len)):
-            pieces.append(piece)
-            owners.append(i)
-            seeds.append(diffusion.draw_seed(seed, i if index is None else int(index[i]), w, stream))
-    lengths = [len(ids) for ids in pieces]
-    per_piece = np.zeros((len(pieces), len(models), k))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = data.length_batches(lengths, batch_size)[rank::world]  # under torchrun: every world-th batch
-    bar = progress_bar(len(batches), "scoring", "batch", disable=not progress or rank > 0, leave=False)
-    for idx in batches:
-        n_lengths, n_seeds = [lengths[i] for i in idx], [seeds[i] for i in idx]
-        x0, attention_mask = data.collate([pieces[i] for i in idx])
-        x0 = x0.repeat_interleave(k, 0).to(device)
-        # on the CPU, where it costs no device sync: a batch without padding needs no mask (model.DiT)
-        attention_mask = None if attention_mask.all() else attention_mask.repeat_interleave(k, 0).to(device)
-        if estimator == "count":
-            masked = diffusion.per_text_count_draws(n_lengths, k, n_seeds).to(device)
-        else:
-            t, masked = diffusion.per_text_draws(n_lengths, k, n_seeds)
-            t, masked = t.to(device), masked.to(device)
-        for c, (model, label) in enumerate(zip(models, class_labels)):
-            labels = None if label is None else torch.full((len(x0),), label, dtype=torch.long, device=device)
-            if estimator == "count":
-                out = diffusion.nelbo_count(model, x0, masked, attention_mask, labels)
-            else:
-                out = diffusion.nelbo(model, x0, t, masked, attention_mask, labels)
-            per_piece[idx, c] = out.view(len(idx), k).double().cpu().numpy()
-        bar.update(1)
-    bar.close()
-    if world > 1:  # every rank filled only its own rows: the sum gathers them all, on every rank
-        gathered = torch.from_numpy(per_piece).to(device)
-        dist.all_reduce(gathered)
-        per_piece = gathered.cpu().numpy()
-    out = np.zeros((len(token_lists), len(models), k))
-    np.add.at(out, owners, per_piece)
-    return out
-
-
-@torch.inference_mode()
-def score_posterior(model, token_lists: list[list[int]], batch_size: int, device, log_prior: np.ndarray | None = None,
-                    progress: bool = False) -> np.ndarray:
-    """The one-pass posterior readout of a model with a label slot: log p(c | text), float64 [N, C], nats.
-
-    Each window w of a text (data.windows) gets one forward pass with the label slot masked and its
-    tokens clean, giving log p(c | w) (diffusion.label_posterior). A text of n windows combines them
-    as if the windows were independent given the label (naive Bayes over windows):
-        log p(c | w_1..w_n) = sum_w log p(c | w) - (n - 1) log prior(c) + const,
-    normalised over c (one window: its own posterior). log_prior: float [C], the training labels'
-    log-frequencies (None: uniform, where the correction is a constant). batch_size: windows per
-    forward pass. Under torchrun each rank scores every world-th batch and the results are summed.
-    """
-    C = model.config.n_classes
-    log_prior = np.zeros(C) if log_prior is None else np.asarray(log_prior, dtype=np.float64)
-    pieces, owners = [], []
-    for i, ids in enumerate(token_lists):
-        for piece in data.windows(ids, model.config.model_length):
-            pieces.append(piece)
-            owners.append(i)
-    per_piece = np.zeros((len(pieces), C))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    batches = data.length_batches([len(p) for p in pieces], batch_size)[rank::world]
-    bar = progress_bar(len(batches), "scoring", "batch", disable=not progress or rank > 0, leave=False)
-    for idx in batches:
-        x0, attention_mask = data.collate([pieces[i] for i in idx])
-        attention_mask = None if attention_mask.all() else attention_mask.to(device)  # checked on the CPU: no sync
-        per_piece[idx] = diffusion.label_posterior(model, x0.to(device), attention_mask).double().cpu().numpy()
-        bar.update(1)
-    bar.close()
-    if world > 1:
-        gathered = torch.from_numpy(per_piece).to(device)
-        dist.all_reduce(gathered)
-        per_piece = gathered.cpu().numpy()
-    n_windows = np.bincount(owners, minlength=len(token_lists))
-    out = np.zeros((len(token_lists), C))
-    np.add.at(out, owners, per_piece)
-    out -= (n_windows - 1)[:, None] * log_prior[None]
-    return out - np.logaddexp.reduce(out, axis=1, keepdims=True)
 
 
 def scoring_key(readout: str, estimator: str) -> str:
     """What a calibration.json's temperature was fitted on: "posterior", or the NELBO estimator's name."""
     return "posterior" if readout == "posterior" else estimator
-
-
-def most_draws(mc_samples: int, max_draws: int | None) -> int:
-    """The most draws sequential scoring gives a text: max_draws, or 4 rounds of mc_samples when it is None."""
-    return max_draws or 4 * mc_samples
-
-
-def draws_taken(draws: np.ndarray) -> np.ndarray:
-    """How many draws each text got: per-draw NELBOs [N, C, K] (NaN = not taken) -> int [N]."""
-    return (~np.isnan(draws[:, 0])).sum(-1)
-
-
-class ScoringError(ValueError):
-    """A NELBO that is not a finite number."""
-
-
-def score_sequential(models: list, token_lists: list[list[int]], k: int, max_draws: int, z: float, seed: int,
-                     batch_size: int, device, class_labels: list | None = None, estimator: str = "time",
-                     progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
-    """Sequential Monte-Carlo scoring: per-draw NELBOs in nats, float64 [N, C, max_draws], NaN after
-    each text's last draw.
-
-    Draws come in rounds of k: round r is score_draws' stream r (common to every class; the other
-    arguments as there). After a round, a text whose paired margin is more than z standard errors
-    from 0 (paired_margin: best class against the second) stops; the others get another round, up
-    to max_draws. Clear texts thus stop at k draws and close ones get up to max_draws. Every text
-    gets round 0, so max_draws = k is fixed-K scoring, and a text stopped after r rounds holds the
-    draws that fixed K = r x k in rounds of k would give it. The test is repeated after every
-    round without correction, and after a first round of k = 2 draws the standard error has one
-    degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
-    a stopping threshold whose worth was measured (docs/speed.md), not a guaranteed error rate.
-    index: each text's index among all the texts being scored (default 0..N-1): the draws depend on
-    it alone, so texts scored in slices, in any order, get the draws they would get scored at once. Raises ValueError unless max_draws is a multiple of
-    k and z > 0, and ScoringError for a NaN or infinite NELBO (e.g. fp16 overflow), which would
-    otherwise read as a draw not taken.
-    """
-    if max_draws % k or not z > 0:
-        raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
-    draws = np.full((len(token_lists), len(models), max_draws), np.nan)
-    active = np.arange(len(token_lists))
-    index = active if index is None else np.asarray(index)
-    for r in range(max_draws // k):
-        new = score_draws(models, [token_lists[i] for i in active], k, seed, batch_size, device,
-                          class_labels, estimator, progress, index=index[active], stream=r)
-        if not np.isfinite(new).all():
-            bad = int(index[active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]]])
-            raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite (at --precision fp16 it can overflow; try fp32)")
-        draws[active, :, r * k:(r + 1) * k] = new
-        if k == 1 and r == 0:
-            continue  # one draw gives no standard error
-        margin, se = paired_margin(draws[active, :, :(r + 1) * k])
-        active = active[~(margin > z * se)]
-        if not len(active):
-            break
-    return draws
-
-
-def score_texts(models: list, token_lists: list[list[int]], k: int, seed: int, batch_size: int, device,
-                class_labels: list | None = None, estimator: str = "time", progress: bool = False) -> np.ndarray:
-    """The K-draw NELBO estimate of every text under every scorer, in nats: float64 [N, C]
-    (the mean over draws of score_draws, which documents the arguments)."""
-    return score_draws(models, token_lists, k, seed, batch_size, device, class_labels, estimator, progress).mean(-1)
-
-
-def paired_margin(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The evidence for each text's decision: (margin, its standard error), float64 [N] each, nats.
-
-    draws: [N, C, K] per-draw NELBOs (score_draws; NaN = a draw not taken, score_sequential).
-    margin = NELBO of the second-best class minus that of the best (>= 0); its standard error is the
-    sample standard deviation over a text's K_i draws of the per-draw difference, / sqrt(K_i)
-    (paired: both classes see the same draws). With stratified draws this overstates the error a
-    little (the strata are not independent); NaN for K_i = 1.
-    """
-    mean = np.nanmean(draws, -1)
-    order = np.argsort(mean, axis=1, kind="stable")
-    rows = np.arange(len(draws))
-    diff = draws[rows, order[:, 1]] - draws[rows, order[:, 0]]  # [N, K]
-    k = (~np.isnan(diff)).sum(-1)
-    dev = np.where(np.isnan(diff), 0.0, diff - np.nanmean(diff, -1, keepdims=True))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.sqrt((dev ** 2).sum(-1) / (k - 1) / k)
-    return np.nanmean(diff, -1), np.where(k > 1, se, np.nan)
 
 
 def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -485,7 +299,6 @@ class DiffusionClassifier:
         is held out for the validation log. Returns self. Raises TypeError for texts that are not a
         list of strings, ValueError naming the argument for labels of another length, fewer than two
         classes, or hyper-parameters train.py refuses (named as here: max_steps, not --max-steps)."""
-        import train  # here: train.py imports this module
         texts = check_texts(texts)
         labels = list(labels)
         if len(labels) != len(texts):

@@ -93,7 +93,7 @@ def init_distributed() -> tuple[int, int, str]:
 
 def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tuple):
     """The flags of classify.py and eval.py: which texts to score, and how the NELBO is estimated
-    (mc_samples: the default of --mc-samples; estimators: classify.ESTIMATORS, the first the default).
+    (mc_samples: the default of --mc-samples; estimators: scoring.ESTIMATORS, the first the default).
     Returns the "advanced" argument group, for the tool's own rarely needed flags."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])

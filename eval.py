@@ -1,7 +1,7 @@
 """Perplexity bounds of MDLM checkpoints: NELBO in nats/token, bits/token and exp(NELBO/token).
 
 The NELBO upper-bounds -log p_theta(x) (diffusion.py, §3.3), so exp(NELBO / tokens) is an upper
-bound on the perplexity. Each text's NELBO is estimated with K draws by classify.score_texts
+bound on the perplexity. Each text's NELBO is estimated with K draws by scoring.score_texts
 (--estimator time, the default: t antithetic, weight 1/t; or count: k ~ U{1..n} masked tokens
 weighted n/k); every checkpoint sees the same draws (common random numbers). A joint checkpoint
 (train.py --class all) is scored with its label slot masked, i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
@@ -33,11 +33,12 @@ import torch
 
 import data
 import diffusion
-from classify import ESTIMATORS, labeled_texts, read_input, score_texts
+from classify import labeled_texts, read_input
 from cli import ArgumentParser, add_scoring_args, run_cli
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 from ngram import CountsLM
+from scoring import ESTIMATORS, score_texts
 
 
 def summarise(nelbo: np.ndarray, n_tokens: np.ndarray) -> dict:

@@ -77,7 +77,7 @@ from torch.nn.parallel import DistributedDataParallel
 import atat
 import data
 import diffusion
-from classify import score_posterior, score_texts
+from scoring import score_posterior, score_texts
 import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, resolve, save_checkpoint

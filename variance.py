@@ -7,7 +7,7 @@ k ~ U{1..n} masked tokens, weight n/k).
     python variance.py --ckpt0 A --ckpt1 B --limit 1000 --curve --json curve.json   # accuracy vs draws
 
 --curve measures what the draws buy instead: accuracy and mean draws per text (forward passes per
-text and class) for fixed K in --ks, and for sequential scoring (classify.score_sequential: rounds
+text and class) for fixed K in --ks, and for sequential scoring (scoring.score_sequential: rounds
 of K up to a maximum, stopping a text once its margin exceeds z standard errors) in --sequential.
 
 Texts: a balanced, seeded subset of the held-out validation texts of the training data (the 5% of
@@ -27,6 +27,7 @@ import classify
 import data
 from cli import ArgumentParser, run_cli
 from convert_hf import CheckpointError, atomic_write
+import scoring
 
 
 def run(argv=None):
@@ -72,7 +73,7 @@ def run(argv=None):
     if args.curve:
         return curve(args, clf, tokens, labels, ks, sequential)
     rows = []
-    for estimator in classify.ESTIMATORS:
+    for estimator in scoring.ESTIMATORS:
         clf.estimator = estimator
         for k in ks:
             clf.mc_samples = clf.max_draws = k  # fixed K
@@ -105,7 +106,7 @@ def curve(args, clf, tokens, labels, ks, sequential) -> None:
         pred = np.nanmean(draws, -1).argmin(1)
         rep = classify.report(labels, pred, clf.classes)
         name = f"fixed K={k}" if k == max_draws else f"sequential K={k}..{max_draws} z={args.z:g}"
-        rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float(classify.draws_taken(draws).mean()),
+        rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float(scoring.draws_taken(draws).mean()),
                      "accuracy": rep["accuracy"], "accuracy_ci95": rep["accuracy_ci95"],
                      "confusion_matrix": rep["confusion_matrix"], "texts_per_s": len(tokens) / seconds})
         low, high = rep["accuracy_ci95"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import bench
-import classify
 import diffusion
 import model as dit
+import scoring
 from model import DiTConfig
 
 CFG = DiTConfig(vocab_size=97, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=3, n_heads=4)
@@ -73,7 +73,7 @@ def test_naive_scorer_equals_score_texts():
     models = [bench.random_model(CFG, seed).eval() for seed in (0, 1)]
     g = np.random.default_rng(0)
     tokens = [g.integers(0, CFG.vocab_size - 1, n).tolist() for n in (5, 32, 17)]
-    fast = classify.score_texts(models, tokens, k=3, seed=4, batch_size=4, device="cpu", estimator="time")
+    fast = scoring.score_texts(models, tokens, k=3, seed=4, batch_size=4, device="cpu", estimator="time")
     naive = bench.score_naive(models, tokens, k=3, seed=4, device="cpu", pad_to=32)
     np.testing.assert_allclose(naive, fast, rtol=1e-5)
     assert np.abs(fast[:, 0] - fast[:, 1]).min() > 1e-3  # the two random models really differ

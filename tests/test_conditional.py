@@ -15,6 +15,7 @@ import calibration
 import classify
 import data
 import diffusion
+import scoring
 import train
 from classify import DiffusionClassifier
 from conftest import FIXTURE, LANGUAGES, make_languages, run_script
@@ -135,7 +136,7 @@ def test_novelty_is_the_nelbo_of_the_text_with_the_label_unknown(toy_conditional
     # the label unknown, not read from a class: with the same draws (common random numbers), a novelty
     # that read class c's NELBO would equal it to the last bit; the label-unknown NELBO differs from every
     # class's by whole hundredths of a nat (a threshold of 1e-3 holds on any machine's float rounding)
-    per_class = classify.score_draws([clf.models[0]] * 3, tokens[:-1], 8, clf.seed, 16, "cpu", [0, 1, 2]).mean(-1)
+    per_class = scoring.score_draws([clf.models[0]] * 3, tokens[:-1], 8, clf.seed, 16, "cpu", [0, 1, 2]).mean(-1)
     per_class /= np.array([len(t) for t in tokens[:-1]])[:, None]
     for c in range(3):
         assert np.abs(novelty[:-1] - per_class[:, c]).mean() > 1e-3, c
@@ -175,7 +176,7 @@ def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():
     """Common random numbers: the same model under two class names sees the same draws."""
     model = load_hf(str(FIXTURE))
     texts = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7], list(range(1, 60))]
-    for estimator in classify.ESTIMATORS:
+    for estimator in scoring.ESTIMATORS:
         clf = DiffusionClassifier([model, model], ["a", "b"], mc_samples=3, max_draws=3, estimator=estimator)
         draws = clf.draws(texts)
         assert draws.shape == (3, 2, 3) and np.all(draws >= 0) and np.mean(draws > 0) > 0.5
@@ -204,7 +205,7 @@ def test_count_estimator_is_unbiased_for_the_continuous_time_nelbo():
     model = load_hf(str(FIXTURE))
     for ids in ([5, 17, 42, 8, 30, 61], [12, 0, 33, 7]):
         exact = exact_nelbo(model, ids, lo=0.0, eps=0.0)  # the eps -> 0 continuous-time NELBO
-        est = classify.score_texts([model], [ids] * 1500, 2, 0, batch_size=512, device="cpu", estimator="count")[:, 0]
+        est = scoring.score_texts([model], [ids] * 1500, 2, 0, batch_size=512, device="cpu", estimator="count")[:, 0]
         se = est.std(ddof=1) / math.sqrt(len(est))
         assert abs(est.mean() - exact) < 4 * se, f"MC mean {est.mean():.3f} vs exact {exact:.3f} (se {se:.3f})"
         assert se < 0.01 * exact  # sharp enough to see a wrong weight (n/(k+1) is 15-20% off)
@@ -221,8 +222,8 @@ def test_count_estimator_has_a_smaller_paired_standard_error_than_the_time_estim
         models.append(m)
     ids = torch.randint(0, MASK, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     spread = {}
-    for estimator in classify.ESTIMATORS:
-        d = classify.score_texts(models, [ids] * 300, 4, 0, batch_size=512, device="cpu", estimator=estimator)
+    for estimator in scoring.ESTIMATORS:
+        d = scoring.score_texts(models, [ids] * 300, 4, 0, batch_size=512, device="cpu", estimator=estimator)
         spread[estimator] = np.std(d[:, 0] - d[:, 1], ddof=1)
     assert spread["count"] < 0.9 * spread["time"], spread  # measured: 8.2 vs 10.3 nats (300 replicates)
 
@@ -296,8 +297,8 @@ def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp
                         "--replicates", "4", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = {(r["estimator"], r["k"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(e, k) for e in classify.ESTIMATORS for k in (1, 16)}
-    for estimator in classify.ESTIMATORS:  # 16x the draws: ideally 1/4 the standard error; the estimate of it is noisy
+    assert set(rows) == {(e, k) for e in scoring.ESTIMATORS for k in (1, 16)}
+    for estimator in scoring.ESTIMATORS:  # 16x the draws: ideally 1/4 the standard error; the estimate of it is noisy
         assert 0 < rows[estimator, 16]["se"] < 0.6 * rows[estimator, 1]["se"], rows
 
 

@@ -10,6 +10,7 @@ import pytest
 import classify
 import data
 import eval as eval_cli
+import scoring
 import train
 from classify import DiffusionClassifier
 from conftest import LANGUAGES, make_languages
@@ -149,7 +150,7 @@ def test_novelty_of_class_models_is_the_mixture_bound_over_classes(toy):
     rows = make_languages(4, seed=3)
     tokens = data.encode([r["text"] for r in rows] + ["table chair lamp desk sofa shelf table lamp"])
     novelty = clf.novelty(tokens, draws=4)
-    nelbo = classify.score_draws(clf.models, tokens, 4, clf.seed, 16, "cpu").mean(-1) / np.array([len(t) for t in tokens])[:, None]
+    nelbo = scoring.score_draws(clf.models, tokens, 4, clf.seed, 16, "cpu").mean(-1) / np.array([len(t) for t in tokens])[:, None]
     n = np.array([len(t) for t in tokens])
     # -log sum_c exp(-NELBO_c) / C lies between the best class's NELBO and it plus log C (same draws)
     assert np.all(novelty >= nelbo.min(1) - 1e-9) and np.all(novelty <= nelbo.min(1) + np.log(3) / n + 1e-9)

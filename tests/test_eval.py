@@ -1,4 +1,4 @@
-"""The NELBO Monte-Carlo estimate behind eval.py (classify.score_texts) and the eval.py CLI."""
+"""The NELBO Monte-Carlo estimate behind eval.py (scoring.score_texts) and the eval.py CLI."""
 import itertools
 import json
 import math
@@ -9,10 +9,10 @@ import torch
 
 import diffusion
 from conftest import FIXTURE, run_script
-from classify import score_texts
 from diffusion import draw_seed
 from convert_hf import load_hf, save_checkpoint
 from model import DiT, DiTConfig
+from scoring import score_texts
 
 MASK = 63  # fixture: vocab_size 64
 TEXTS = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7]]  # two lengths, so batches hold padding

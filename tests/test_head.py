@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import diffusion
-from classify import score_texts
 from convert_hf import CheckpointError, load_hf, save_checkpoint
 from model import DiT, DiTConfig
+from scoring import score_texts
 from test_eval import TEXTS, exact_nelbo
 from train import frequency_rank
 

@@ -1,6 +1,6 @@
 """The label as a token: a joint MDLM over (label, text), its one-pass posterior readout, and the
 hybrid generative-discriminative objective (model.py, diffusion.joint_nelbo / label_posterior,
-classify.score_posterior, train.step_backward)."""
+scoring.score_posterior, train.step_backward)."""
 import argparse
 
 import numpy as np
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import classify
 import data
 import diffusion
+import scoring
 import train
 from conftest import FIXTURE
 
@@ -157,7 +157,7 @@ def test_windows_combine_by_summed_log_posteriors_less_the_priors():
     # a text of 10 tokens is 3 windows of <= 4 (data.windows: 3, 3, 4 tokens) starting with tokens 1, 2, 3
     text = [1, 9, 9, 2, 9, 9, 3, 9, 9, 9]
     assert [w[0] for w in data.windows(text, 4)] == [1, 2, 3]
-    got = classify.score_posterior(stub, [text, [2, 9]], batch_size=8, device="cpu", log_prior=np.log(prior))
+    got = scoring.score_posterior(stub, [text, [2, 9]], batch_size=8, device="cpu", log_prior=np.log(prior))
     assert sum(len(x) for x in stub.calls) == 4  # one slot per window: 3 for the long text, 1 for the short
     by_hand = np.array(table[1]) * np.array(table[2]) * np.array(table[3]) / prior ** 2
     np.testing.assert_allclose(np.exp(got[0]), by_hand / by_hand.sum(), rtol=1e-6)

@@ -11,6 +11,7 @@ import torch
 
 import classify
 import data
+import scoring
 import train
 from conftest import make_imdb_tree, run_script
 from convert_hf import save_checkpoint
@@ -87,7 +88,7 @@ OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1197869
 def test_out_of_memory_names_the_batch_size(pair, tmp_path, monkeypatch, capsys, error):
     def no_memory(*args, **kwargs):
         raise error
-    monkeypatch.setattr(classify, "score_draws", no_memory)
+    monkeypatch.setattr(scoring, "score_draws", no_memory)
     with pytest.raises(SystemExit):
         classify.main(classify_args(pair))
     message = one_line(capsys)
@@ -102,7 +103,7 @@ def test_out_of_memory_names_the_batch_size(pair, tmp_path, monkeypatch, capsys,
 def test_other_runtime_errors_are_not_dressed_as_out_of_memory(pair, monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-    monkeypatch.setattr(classify, "score_draws", bug)
+    monkeypatch.setattr(scoring, "score_draws", bug)
     with pytest.raises(RuntimeError, match="shapes"):
         classify.main(classify_args(pair))
 

@@ -1,4 +1,4 @@
-"""classify.score_sequential: clear texts stop after the first round of draws, close ones get more,
+"""scoring.score_sequential: clear texts stop after the first round of draws, close ones get more,
 and a text that stops holds exactly the draws of fixed-K scoring."""
 import copy
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from classify import DiffusionClassifier, draws_taken as n_draws, paired_margin, score_draws, score_sequential
+from classify import DiffusionClassifier
 from conftest import FIXTURE
 from convert_hf import load_hf
+from scoring import draws_taken as n_draws, paired_margin, score_draws, score_sequential
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
