@@ -1,15 +1,17 @@
 """Train the MDLMs of a generative classifier: one joint model over (label, text), or one model per class.
 
-    python train.py --class all --init scratch --preset tiny --lr 1e-3 --max-steps 800 --out ckpt/all   # one model over (label, text)
-    python train.py --class all --out ckpt/all                      # the same, fine-tuned from mdlm-owt-noeos (hub)
-    python train.py --class 0 --out ckpt/neg                        # IMDB, one class, from mdlm-owt-noeos (hub)
-    python train.py --class neg --init scratch --preset tiny --lr 1e-3 --out ckpt/neg
-    python train.py --data my.jsonl --class sports --out ckpt/sports  # any labeled dataset (data.py)
-    python train.py --class all --init scratch --preset tiny --lr 1e-3 --max-steps 800 --labeled-limit 500 --out ckpt/few
+    python train.py --class none --out ckpt/base                   # a base of p(text), every unlabeled text (CPU: 25 min)
+    python train.py --class all --init ckpt/base --out ckpt/all    # one model over (label, text), from the base
+    python train.py --class all --out ckpt/all                     # the same from scratch (CPU) or from mdlm-owt-noeos (GPU)
+    python train.py --class 0 --init ckpt/base --out ckpt/neg      # one model per class
+    python train.py --data my.jsonl --class all --out ckpt/mine    # any labeled dataset (data.py)
+    python train.py --class all --init ckpt/base --labeled-limit 500 --out ckpt/few   # 500 labels, the rest unlabeled
 
---class all trains one joint MDLM over (label, text) (model.py, n_classes = C: a label slot in
-front of every sequence). A labeled text's slot holds its label and is masked with the text's
-move_chance(t), like any token, so the model learns p(label | text) at a masked slot, p(text |
+--class none trains p(text) alone (no label slot) on every train text, its label dropped, and every
+unlabeled text: a base that --init DIR fine-tunes (a joint model gains a fresh label slot, its
+other tensors loaded as they are). --class all trains one joint MDLM over (label, text) (model.py,
+n_classes = C: a label slot in front of every sequence). A labeled text's slot holds its label and
+is masked with the text's move_chance(t), like any token, so the model learns p(label | text) at a masked slot, p(text |
 label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
 `unsup` reviews; JSONL/CSV rows with an empty label; with --labeled-limit N, every train text
 but N) keeps its slot masked and never scores it; --unlabeled (the default with --labeled-limit)
@@ -80,12 +82,13 @@ import diffusion
 from scoring import score_posterior, score_texts
 import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
-from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, resolve, save_checkpoint
+from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
 from ngram import CountsLM
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training (small)
-CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 2000}  # --init scratch without a GPU: docs/lm_plateau.md
+# the CPU recipe (docs/base_model.md): a tiny model, from scratch or from a tiny checkpoint (a base)
+CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 800, "base_steps": 4000}  # base_steps: --class none, 25 min
 MAX_STEPS = 1000  # any other start
 BASE = "none"  # --class none: a base model of p(text) on every text, labels unread
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
@@ -118,10 +121,11 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny "
                    "without one)")
     p.add_argument("--max-steps", type=data.positive(),
-                   help=f"optimizer steps (default {CPU_RECIPE['max_steps']} for tiny from scratch, else {MAX_STEPS})")
+                   help=f"optimizer steps (default for a tiny model: {CPU_RECIPE['base_steps']} with --class none, else "
+                        f"{CPU_RECIPE['max_steps']}; else {MAX_STEPS})")
     p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} "
-                   f"small from scratch, {CPU_RECIPE['lr']} tiny)")
+                   f"small from scratch, {CPU_RECIPE['lr']} tiny, from scratch or from a tiny checkpoint)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
                    help="--class all, few labels: keep N labeled train texts (N / C per class, drawn with --seed: "
                         "data.labeled_limit) and train on every other train text as an unlabeled one")
@@ -210,15 +214,26 @@ def parse_args(argv=None):
         if talk:
             size = "169.6M parameters, on the GPU" if args.preset == "small" else "8.2M parameters: no GPU here"
             print(f"--init scratch: the {args.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
-    recipe = args.init == "scratch" and args.preset == CPU_RECIPE["preset"]
+    recipe = args.preset == CPU_RECIPE["preset"] if args.init == "scratch" else tiny_checkpoint(args.init)
     args.lr = args.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
-    args.max_steps = args.max_steps or (CPU_RECIPE["max_steps"] if recipe else MAX_STEPS)
+    args.max_steps = args.max_steps or (CPU_RECIPE["base_steps" if args.cls == BASE else "max_steps"] if recipe else MAX_STEPS)
     if args.warmup_steps is None:
         args.warmup_steps = min(100, args.max_steps // 8)
     elif args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
               f"{args.max_steps}/{args.warmup_steps} of --lr {args.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
     return args
+
+
+def tiny_checkpoint(init: str) -> bool:
+    """Whether --init names a local checkpoint folder of the tiny preset's size (a base trained here):
+    it fine-tunes with the CPU recipe's lr and steps, not the 169.6M hub model's."""
+    try:
+        cfg = read_config(Path(init))[0]
+    except CheckpointError:  # a hub id, or a folder load_hf will name the problem of
+        return False
+    tiny = PRESETS[CPU_RECIPE["preset"]]
+    return (cfg.hidden_dim, cfg.n_blocks, cfg.model_length) == (tiny.hidden_dim, tiny.n_blocks, tiny.model_length)
 
 
 def class_index(name: str, classes: list[str]) -> int | None:
@@ -625,7 +640,7 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
     unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
-            "n_labeled": int(counts.sum()), "n_unlabeled": int(unlabeled.sum()),
+            "n_labeled": int(counts.sum()), "n_unlabeled": len(train) if base else int(unlabeled.sum()),
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once

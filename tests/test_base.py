@@ -32,12 +32,18 @@ def test_a_base_fine_tunes_into_a_joint_model_with_its_text_tensors_intact(imdb_
     train.main(["--class", "none", "--data", str(imdb_tree), *COMMON, "--max-steps", "2", "--eval-every", "2", "--out", str(base)])
     config = json.loads((base / "config.json").read_text())
     assert config["n_classes"] == 0 and config["class_name"] == "none" and config["n_labeled"] == 0
+    assert config["n_unlabeled"] == 22 + 3  # the train part (12 a class, 1 each held out) and the unsup split
     loaded = load_hf(str(base)).state_dict()
 
     def starts(*extra):  # the weights a fine-tune starts from, and what it says of them
         args = train.parse_args(["--class", "all", "--data", str(imdb_tree), "--init", str(base), "--out", str(tmp_path / "x"), *extra])
         model = train.init_model(args, 2, [[1, 2, 3]])
         return model.state_dict(), capsys.readouterr().err
+    # the CPU recipe's defaults: a base of 4,000 steps; its fine-tune at the tiny recipe's lr, not the hub model's 2e-5
+    defaults = train.parse_args(["--class", "none", "--init", "scratch", "--out", str(tmp_path / "b")])
+    assert (defaults.preset, defaults.max_steps, defaults.lr) == ("tiny", train.CPU_RECIPE["base_steps"], train.CPU_RECIPE["lr"])
+    defaults = train.parse_args(["--class", "all", "--init", str(base), "--out", str(tmp_path / "f")])
+    assert (defaults.max_steps, defaults.lr) == (train.CPU_RECIPE["max_steps"], train.CPU_RECIPE["lr"])
     state, said = starts()
     new = sorted(k for k in state if k not in loaded)
     assert new and all(k.startswith("label_") for k in new)

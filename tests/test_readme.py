@@ -47,10 +47,11 @@ def test_the_main_job_runs_as_printed(workdir):
     cwd, env = workdir
     block = next(b for b in blocks("bash") if "--out ckpt/imdb" in b)
     lines = commands(block)
-    assert [l.split()[1] for l in lines if l.startswith("python")] == ["train.py", "classify.py", "classify.py"]
+    assert [l.split()[1] for l in lines if l.startswith("python")] == ["train.py", "train.py", "classify.py", "classify.py"]
     for line in lines:
-        if "train.py" in line:  # the recipe (train.py's defaults on a CPU), at a tiny step count
-            assert line == "python train.py --class all --out ckpt/imdb", line
+        if "train.py" in line:  # the recipe (train.py's defaults on a CPU: a base, then the label), at a tiny step count
+            assert line in ("python train.py --class none --out ckpt/base",
+                            "python train.py --class all --init ckpt/base --out ckpt/imdb"), line
             line += " --max-steps 2 --eval-every 1 --val-texts 2"
         out = shell(line, cwd, env)
     assert out.stdout.splitlines()[0].startswith("id\tclass\tposterior")  # the last: --input -
