@@ -12,7 +12,7 @@ NELBO_c(x) is estimated with K Monte-Carlo draws per text, and the
 *same* draws for every class (common random numbers), so the noise of the estimate largely
 cancels in the comparison. Two estimators: "time" (default; t ~ U antithetic, weight 1/t:
 diffusion.nelbo, Eq. 11) and "count" (k ~ U{1..n} masked tokens, weight n/k:
-diffusion.nelbo_count); README "Results" has their measured standard errors. A text longer than model_length is scored whole:
+diffusion.nelbo_count); docs/draws.md has their measured standard errors. A text longer than model_length is scored whole:
 the NELBOs of its disjoint windows (data.windows) are summed. Sequential scoring (--max-draws,
 scoring.score_sequential) spends the draws where they are needed: rounds of K draws, and a text whose
 margin is already more than --z standard errors from 0 gets no more.

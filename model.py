@@ -14,7 +14,7 @@ text vocabulary, its embedding and its head stay exactly the Hugging Face layout
 never predict a label, and the slot predicts only labels (SUBS's restriction of each position to
 what it can hold, Sahoo et al. 2024 §3.2.1). The slot is context like any token (it is attended to
 and attends), so a label changes p(text) through attention from the first layer, unlike the adaLN
-class table it replaces (README "Results": that table learned the class slowly). Its rotary
+class table it replaces (docs/label_token.md: that table learned the class slowly). Its rotary
 position is 0 and the text's are 1..L; rotary scores depend on differences only, so the text's
 relative geometry is that of the model without a slot. The label head starts at zero: a fresh
 slot predicts the uniform distribution over the C labels.
