@@ -11,8 +11,8 @@
 unlabeled text: a base that --init DIR fine-tunes (a joint model gains a fresh label slot, its
 other tensors loaded as they are). --class all trains one joint MDLM over (label, text) (model.py,
 n_classes = C: a label slot in front of every sequence). A labeled text's slot holds its label and
-is masked with the text's move_chance(t), like any token, so the model learns p(label | text) at a masked slot, p(text |
-label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
+is masked with the text's move_chance(t), like any token, so the model learns p(label | text) at a
+masked slot, p(text | label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
 `unsup` reviews; JSONL/CSV rows with an empty label; with --labeled-limit N, every train text
 but N) keeps its slot masked and never scores it; --unlabeled (the default with --labeled-limit)
 trains on them, half of every micro-batch (MicroBatches).
@@ -257,15 +257,14 @@ def training_texts(args, reviews: list[data.Review], cls: int | None,
     (None) the data's unlabeled rows (data.load_dataset's 'unsup' split). --class none (a base): every
     train text with its label dropped (-1), then the unlabeled texts; never a val or test text."""
     train, val = data.train_val_split(reviews)
-    if args.cls == BASE:
-        unsup = data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0] if unsup is None else unsup
-        return [dataclasses.replace(r, label=-1) for r in train] + unsup, val
     if cls is not None:
         return [r for r in train if r.label == cls], val
     dropped = []
-    if args.labeled_limit:
+    if args.cls == BASE:  # every label dropped: the whole train part joins the unlabeled pool
+        train, dropped = [], [dataclasses.replace(r, label=-1) for r in train]
+    elif args.labeled_limit:
         train, dropped = data.labeled_limit(train, args.labeled_limit, args.seed)
-    if args.unlabeled:
+    if args.unlabeled or args.cls == BASE:
         unsup = data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0] if unsup is None else unsup
         train = train + dropped + unsup
     return train, val
@@ -640,7 +639,7 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
     unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
-            "n_labeled": int(counts.sum()), "n_unlabeled": len(train) if base else int(unlabeled.sum()),
+            "n_labeled": int(counts.sum()), "n_unlabeled": sum(r.label < 0 for r in train),
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
