@@ -227,32 +227,36 @@ def weighted_sum(nll: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) 
 
 # ---- the label slot (model.py, n_classes = C) -------------------------------------------------
 def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor, slot_masked: torch.Tensor, disc: bool = False, weight: torch.Tensor | None = None):
+                labels: torch.Tensor, slot_masked: torch.Tensor, readout: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None):
     """NELBO of (label, text) per sequence, one draw of (t, x_t), in nats: Eq. 11 over L + 1 positions.
 
     The label slot is one more token of x0, masked with the same move_chance(t) as the text
     (slot_masked, bool [B], drawn by the caller) and scored like one: the term
     loss_weight(t) * -log p_theta(label | x_t) where it is masked. labels: long [B], 0..C-1, or C for
     an unlabeled text, whose slot is always masked and never scored (it then trains p(text) with
-    the label marginalised out). Other arguments as nelbo. Returns float32 [B] (text + slot terms);
-    with disc=True also (see train.step_backward) float32 [B_lab, C], log p_theta(c | x0) at a masked
-    slot with the text clean (label_posterior) for the B_lab labeled texts (labels < C) in batch
-    order, from the same forward pass: their clean copies ride along as B_lab more rows, so the
-    model is called once (as DDP needs). The upper bound is on
-    -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one. weight: float [B],
-    each masked position's weight (default loss_weight(t), the NELBO; training passes train_weight(t)).
+    the label marginalised out). Other arguments as nelbo. Returns float32 [B] (text + slot terms).
+    The upper bound is on -log p(label, text) for a labeled text, on -log p(text) for an unlabeled one.
+    weight: float [B], each masked position's weight (default loss_weight(t), the NELBO; training
+    passes train_weight(t)).
+
+    readout: bool [B] or None, the rows (R of them) whose clean text is also read under a masked slot
+    (label_posterior), for train.step_backward's label terms. Their clean copies ride along as R more
+    rows, so the model is called once (as DDP needs). Then returns (the float32 [B] above, float32
+    [R, C] log p_theta(c | x0) of the readout rows in batch order, float32 [B, C] the slot's
+    distribution as fed: log p_theta(c | x_t) where the slot is masked, as it always is for an
+    unlabeled text).
     """
     C = model.config.n_classes
     scored = slot_masked & (labels < C)
     slot = torch.where(slot_masked | (labels >= C), C, labels)
     mask_index = model.config.vocab_size - 1
     xt, sigma_in = torch.where(masked, mask_index, x0), model_sigma(model, t)
-    if disc:  # the readout's input: the labeled texts clean under a masked slot, no text position scored
-        labeled = labels < C
-        xt, slot = torch.cat([xt, x0[labeled]]), torch.cat([slot, torch.full_like(slot[labeled], C)])
-        sigma_in = torch.cat([sigma_in, model_sigma(model, torch.zeros_like(t[labeled]))])
-        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask[labeled]])
-        output_mask = torch.cat([masked, torch.zeros_like(masked[labeled])])
+    if readout is not None:  # the readout rows' clean texts under a masked slot, no text position scored
+        xt, slot = torch.cat([xt, x0[readout]]), torch.cat([slot, torch.full_like(slot[readout], C)])
+        sigma_in = torch.cat([sigma_in, model_sigma(model, torch.zeros_like(t[readout]))])
+        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask[readout]])
+        output_mask = torch.cat([masked, torch.zeros_like(masked[readout])])
     else:
         output_mask = masked
     log_p, label_log_p = model(xt, sigma_in, attention_mask, output_mask=output_mask, class_labels=slot,
@@ -262,7 +266,21 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     B = len(x0)
     slot_nll = -label_log_p[:B].gather(1, labels.clamp(max=C - 1)[:, None])[:, 0]
     total = weighted_sum(nll, masked, weight[:, None]) + torch.where(scored, weight * slot_nll, 0.0)
-    return (total, label_log_p[B:]) if disc else total
+    return total if readout is None else (total, label_log_p[B:], label_log_p[:B])
+
+
+def label_consistency(clean_log_p: torch.Tensor, noised_log_p: torch.Tensor) -> torch.Tensor:
+    """KL(p_theta(. | x0) || p_theta(. | x_t)) per text, in nats: float [n] from two float [n, C] log
+    posteriors (joint_nelbo's readout of the clean text and its slot under the noised one).
+
+    The clean side is a fixed target (detached): the consistency loss of UDA (Xie et al. 2019,
+    "Unsupervised data augmentation for consistency training", §2.2) with the forward process as
+    the augmentation. It needs no label, and its minimiser over p_theta(. | x_t) is E[p(. | x0) | x_t],
+    the identity p(y | x_t) = E_{x0 | x_t} p(y | x0) that every joint distribution of (y, x0, x_t)
+    satisfies at every t: a term the generative model's own readouts should meet, not a new
+    assumption. Zero when the readout ignores the noise."""
+    target = clean_log_p.detach()
+    return (target.exp() * (target - noised_log_p)).sum(-1)
 
 
 def label_posterior(model, x0: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

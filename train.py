@@ -100,12 +100,12 @@ BATCHING = "pools"  # how micro-batches are drawn (MicroBatches: labeled and unl
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "disc_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
+              "text_field", "label_field", "disc_weight", "consistency_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
               "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared; such a
 # state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
 # the autocast dtype used), not as given.
-ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
+ADDED_LATER = {"disc_weight": 0.0, "consistency_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
                "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
 
 
@@ -144,6 +144,9 @@ def parse_args(argv=None):
     a.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
                    help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
                         "to the NELBO (0: purely generative)")
+    a.add_argument("--consistency-weight", type=float, default=0.0, metavar="μ",
+                   help="--class all with --unlabeled: weight of KL(p(y | x) || p(y | x_t)) on the unlabeled texts, the "
+                        "readout under the forward process's noise against the clean text's (consistency training; 0: off)")
     a.add_argument("--adaptive-head", type=int, metavar="S",
                    help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
                         "0 = a full linear head (default: the preset's)")
@@ -189,14 +192,17 @@ def parse_args(argv=None):
         p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
     if not 0 <= args.ema_decay < 1:
         p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
-    if not args.disc_weight >= 0:
-        p.error(f"argument --disc-weight: must be >= 0, got {args.disc_weight}")
+    for flag in ("disc_weight", "consistency_weight"):
+        if not getattr(args, flag) >= 0:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
     if args.cls != "all" and (args.labeled_limit or args.unlabeled):
         p.error(f"argument --{'labeled-limit' if args.labeled_limit else 'unlabeled'}: applies to --class all (one joint "
                 "model over (label, text)); " + ("--class none trains on every text, unlabeled ones included"
                                                  if args.cls == BASE else "a class model trains on its own class's labeled texts"))
     if args.unlabeled is None:  # stored resolved: --resume compares what ran
         args.unlabeled = args.labeled_limit is not None
+    if args.consistency_weight and not args.unlabeled:
+        p.error("argument --consistency-weight: reads the unlabeled texts; pass --unlabeled (the default with --labeled-limit)")
     if args.unlabeled and args.batch_size < 2:
         p.error("argument --batch-size: 1, but labeled and unlabeled texts share every micro-batch half and half (--unlabeled); pass 2 or more")
     if args.objective == "atat" and args.cls == "all":
@@ -335,8 +341,64 @@ class AtatStep:
     weight: float
 
 
+@dataclasses.dataclass
+class LabelTerms:
+    """What a joint model's step adds to the denoising loss (step_backward has the formula): the
+    weights λ (--disc-weight) and μ (--consistency-weight), and the step's labeled and unlabeled
+    texts over all its micro-batches and processes (each term is a mean over the whole step)."""
+    disc_weight: float = 0.0
+    consistency_weight: float = 0.0
+    step_labeled: int = 0
+    step_unlabeled: int = 0
+
+
+def joint_loss(model, part: MicroBatch, step_tokens: int, terms: LabelTerms) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One micro-batch of a joint model: (its denoising nats per step token, the loss to differentiate,
+    {"disc_loss", "consistency_loss": the unweighted label terms, detached}); step_backward has the formula."""
+    x0, t, labels = part.x0, part.t, part.labels
+    labeled = labels < model.config.n_classes
+    masked = diffusion.mask_positions(t, part.attention_mask, u=part.u)
+    slot_masked = part.slot_u < diffusion.move_chance(t)
+    # the rows whose clean text is read: the labeled ones for λ, the unlabeled ones for μ
+    readout = (labeled & (terms.disc_weight > 0)) | (~labeled & (terms.consistency_weight > 0))
+    out = diffusion.joint_nelbo(model, x0, t, masked, part.attention_mask, labels, slot_masked,
+                                readout=readout if terms.disc_weight > 0 or terms.consistency_weight > 0 else None,
+                                weight=diffusion.train_weight(t))
+    if isinstance(out, torch.Tensor):  # the purely generative step: no clean pass
+        nats = out.sum() / step_tokens
+        return nats, nats, {}
+    out, clean, noised = out
+    nats = out.sum() / step_tokens
+    total, extra, read_labeled = nats, {}, labeled[readout]
+    if terms.disc_weight > 0:  # the labeled texts' cross-entropy under the readout
+        disc = -clean[read_labeled].gather(1, labels[labeled][:, None]).sum() / max(terms.step_labeled, 1)
+        total, extra["disc_loss"] = total + terms.disc_weight * disc, disc.detach().double()
+    if terms.consistency_weight > 0:  # the unlabeled texts' readout under noise against their clean readout
+        kl = diffusion.label_consistency(clean[~read_labeled], noised[~labeled]).sum() / max(terms.step_unlabeled, 1)
+        total, extra["consistency_loss"] = total + terms.consistency_weight * kl, kl.detach().double()
+    return nats, total, extra
+
+
+def text_loss(model, part: MicroBatch, step_tokens: int, atat_step: AtatStep | None, n_micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One micro-batch of a model without a label slot: (its nats per step token, the loss to differentiate,
+    {"estimator_loss"} with --objective atat)."""
+    x0, t, attention_mask = part.x0, part.t, part.attention_mask
+    if atat_step is None:
+        masked = diffusion.mask_positions(t, attention_mask, u=part.u)
+        nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
+        nats = diffusion.weighted_sum(nll, masked, diffusion.train_weight(t)[:, None]).sum() / step_tokens
+        return nats, nats, {}
+    scores = atat_step.estimator(x0, attention_mask)
+    masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, part.u)
+    nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
+    nats = diffusion.weighted_sum(nll, masked, atat.token_weights(t, p)).sum() / step_tokens
+    target = atat.difficulty_target(nll.detach(), model.config.vocab_size)
+    est = atat.estimator_loss(scores, target, masked) / n_micro
+    return nats, nats + atat_step.weight * est, {"estimator_loss": est.detach().double()}
+
+
 def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None,
-                  disc_weight: float = 0.0, step_labeled: int = 0):
+                  terms: LabelTerms = LabelTerms()) -> tuple[torch.Tensor, dict]:
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: this process's MicroBatches; step_tokens: the real tokens of the whole step, over all
@@ -344,67 +406,50 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
     (times world: DDP averages the processes' gradients, and the step's loss is their sum).
     Gradients are all-reduced once, on the last micro-batch.
 
-    A model with a label slot (parts carry labels) trains the hybrid objective
+    A model with a label slot (parts carry labels; joint_loss) trains the objective
 
         L = sum_i D(y_i, x_i) / step_tokens  +  λ * sum_{i labeled} -log p_theta(y_i | x_i) / step_labeled
+              +  μ * sum_{i unlabeled} KL(p_theta(. | x_i) || p_theta(. | x_i,t)) / step_unlabeled
 
-    (λ = disc_weight; step_labeled: the step's labeled texts): D, the denoising loss of (label, text)
+    (terms: λ, μ and the step's counts). D, the denoising loss of (label, text)
     (diffusion.joint_nelbo with diffusion.train_weight: the NELBO's terms with the masked tokens
-    weighted alike instead of by 1/t; its minimiser is the NELBO's) plus λ times
-    the mean cross-entropy of the true label under the posterior readout (a masked slot, the text
-    clean: exactly what classify.py reads, diffusion.label_posterior). The first term alone is a
+    weighted alike instead of by 1/t; its minimiser is the NELBO's). The second term is the mean
+    cross-entropy of the true label under the posterior readout (a masked slot, the text clean:
+    exactly what classify.py reads, diffusion.label_posterior). The first term alone is a
     maximum-likelihood fit of the joint p(y, x); the second is the conditional likelihood of the
     labels, the discriminative objective (a hybrid generative-discriminative fit, e.g. Bouchard &
-    Triggs 2004, Lasserre et al. 2006). λ = 0 skips the clean pass entirely (the purely generative step).
-    The returned loss is the first term per text token (its slot terms
-    included; validation's val_nats_per_token is the text's NELBO alone, the slot clamped); disc is
-    the second, unweighted (a float64 tensor, or None without a slot or at λ = 0).
+    Triggs 2004, Lasserre et al. 2006). The third (diffusion.label_consistency) asks the readout of
+    an unlabeled text under the forward process's noise x_t (the same draw as D's) to match its
+    readout of the clean text, held fixed: consistency training with x_t as the augmentation.
+    λ = μ = 0 skips the clean pass entirely (the purely generative step).
 
-    Without atat_step a token is masked where u < move_chance(t) (the plain forward process) and
-    weighted by train_weight (a class model: the same loss without the slot). With
-    it, the estimator scores x0 and atat.mask_with_scores masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights (= the NELBO's 1/t at tilt 0; not an
-    unbiased NELBO otherwise, see atat.py), and weight x atat.estimator_loss (per micro-batch,
-    averaged over the step's micro-batches) trains the estimator on the detached per-token losses.
-    Returns (this process's share of the step's loss, its share of the estimator loss or None, its
-    share of the discriminative loss or None): float64 scalar tensors (no host sync).
+    Without a slot (text_loss) a token is masked where u < move_chance(t) (the plain forward process)
+    and weighted by train_weight. With atat_step, the estimator scores x0 and atat.mask_with_scores
+    masks from the same u with the step's tilt, each masked token is weighted by atat.token_weights
+    (= the NELBO's 1/t at tilt 0; not an unbiased NELBO otherwise, see atat.py), and weight x
+    atat.estimator_loss (per micro-batch, averaged over the step's micro-batches) trains the
+    estimator on the detached per-token losses.
+
+    Returns (this process's share of the step's first term, nats per text token, its slot terms
+    included: validation's val_nats_per_token is the text's NELBO alone, the slot clamped; {name:
+    this process's share of each other term, unweighted}: "disc_loss" (λ > 0), "consistency_loss"
+    (μ > 0), "estimator_loss" (ATAT)), float64 scalar tensors (no host sync).
     """
-    loss, est_loss, disc_loss = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), None, None
-    n_micro = len(parts) * world
+    loss, extra = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), {}
     for j, part in enumerate(parts):
-        x0, attention_mask, t, labels = part.x0, part.attention_mask, part.t, part.labels
         torch.manual_seed(part.seed)  # dropout: a micro-batch's randomness depends on it alone, not on the process
         last = world == 1 or j == len(parts) - 1
         with nullcontext() if last else model.no_sync(), \
                 nullcontext() if last or atat_step is None else atat_step.estimator.no_sync():
-            if labels is not None:  # the label slot: the NELBO of (label, text), and the readout's cross-entropy
-                masked = diffusion.mask_positions(t, attention_mask, u=part.u)
-                slot_masked = part.slot_u < diffusion.move_chance(t)
-                out = diffusion.joint_nelbo(model, x0, t, masked, attention_mask, labels, slot_masked, disc=disc_weight > 0,
-                                            weight=diffusion.train_weight(t))
-                if disc_weight > 0:  # the readout of the labeled texts only
-                    out, readout = out
-                    ce = -readout.gather(1, labels[labels < readout.shape[1]][:, None])
-                    disc = ce.sum() / max(step_labeled, 1)
-                    disc_loss = disc.detach().double() + (0.0 if disc_loss is None else disc_loss)
-                nats = out.sum() / step_tokens
-                total = nats + disc_weight * disc if disc_weight > 0 else nats
-            elif atat_step is None:
-                masked = diffusion.mask_positions(t, attention_mask, u=part.u)
-                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
-                nats = diffusion.weighted_sum(nll, masked, diffusion.train_weight(t)[:, None]).sum() / step_tokens
-                total = nats
+            if part.labels is not None:
+                nats, total, more = joint_loss(model, part, step_tokens, terms)
             else:
-                scores = atat_step.estimator(x0, attention_mask)
-                masked, p = atat.mask_with_scores(t, scores, attention_mask, atat_step.tilt, part.u)
-                nll = diffusion.token_nll(model, x0, masked, diffusion.model_sigma(model, t), attention_mask)
-                nats = diffusion.weighted_sum(nll, masked, atat.token_weights(t, p)).sum() / step_tokens
-                target = atat.difficulty_target(nll.detach(), model.config.vocab_size)
-                est = atat.estimator_loss(scores, target, masked) / n_micro
-                total = nats + atat_step.weight * est
-                est_loss = est.detach().double() + (0.0 if est_loss is None else est_loss)
+                nats, total, more = text_loss(model, part, step_tokens, atat_step, len(parts) * world)
             (total * world).backward()
         loss += nats.detach()
-    return loss, est_loss, disc_loss
+        for k, v in more.items():
+            extra[k] = v + extra.get(k, 0.0)
+    return loss, extra
 
 
 class MicroBatches:
@@ -494,7 +539,7 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
     if args.cls != "all":  # nor do the joint model's a class model
-        unknown += ["disc_weight", "unlabeled", "labeled_limit"]
+        unknown += ["disc_weight", "consistency_weight", "unlabeled", "labeled_limit"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -701,21 +746,25 @@ def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
         tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
         atat_step = AtatStep(run.est_ddp, tilt, args.atat_estimator_weight)
     n_labeled = int(sum((run.text_labels[idx] < run.n_classes).sum() for idx in plan)) if run.n_classes else 0
-    loss_sum, est_loss, disc_loss = step_backward(run.ddp, parts, n_tokens, run.world, atat_step, args.disc_weight, n_labeled)
+    terms = LabelTerms(args.disc_weight, args.consistency_weight, n_labeled, sum(map(len, plan)) - n_labeled)
+    loss_sum, extra = step_backward(run.ddp, parts, n_tokens, run.world, atat_step, terms)
     # one all-reduce for what every rank must agree on: the step's losses and whether to stop
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    agreed = torch.stack([loss_sum, zero if est_loss is None else est_loss, zero + len(stop),
-                          zero if disc_loss is None else disc_loss])
+    names = sorted(extra)  # the same on every rank: the terms depend on the flags alone
+    agreed = torch.stack([loss_sum, zero + len(stop), *(extra[k] for k in names)])
     if run.world > 1:
         dist.all_reduce(agreed)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
     est_norm = zero if run.estimator is None else torch.nn.utils.clip_grad_norm_(run.estimator.parameters(), 1.0)
     # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-    loss_sum, est_loss, stopping, disc_sum, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
-    if not all(map(math.isfinite, (loss_sum, grad_norm, est_loss, est_norm, disc_sum))):
-        fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + (f", estimator loss {est_loss:.4g} and grad norm "
-             f"{est_norm:.4g}" if run.estimator is not None else "") + f" at step {step + 1}; stopped before the update, {run.intact()}")
+    loss_sum, stopping, *values, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
+    extra = dict(zip(names, values))
+    if run.estimator is not None:
+        extra["estimator_grad_norm"] = est_norm
+    if not all(map(math.isfinite, (loss_sum, grad_norm, *extra.values()))):
+        fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
+             + f" at step {step + 1}; stopped before the update, {run.intact()}")
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     ema_update(run.ema, run.model, step, args.ema_decay)
@@ -723,11 +772,9 @@ def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
     run.train_seconds += time.perf_counter() - t0
     run.tokens_seen += n_tokens
     record = {"step": run.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr_at(step, args),
-              "tokens_per_s": run.tokens_seen / run.train_seconds}
+              "tokens_per_s": run.tokens_seen / run.train_seconds, **extra}
     if run.estimator is not None:
-        record.update(tilt=tilt, estimator_loss=est_loss, estimator_grad_norm=est_norm)
-    if disc_loss is not None:
-        record.update(disc_loss=disc_sum)
+        record["tilt"] = tilt
     return record, bool(stopping)
 
 
