@@ -38,11 +38,8 @@ NELBO under every class, and the margin (NELBO of the second-best class minus th
 with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
 "partial": true, and exits with status 130.
 """
-import contextlib
 import hashlib
-import io
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -308,27 +305,22 @@ class DiffusionClassifier:
             raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs two or more")
         reviews = [data.Review(t, -1 if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
         hp = self.train_params
-        out = hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-")
-        argv = ["--class", "all", "--init", hp["init"], "--batch-size", self.batch_size, "--disc-weight", hp["disc_weight"],
-                "--seed", self.seed, "--out", out] + (["--preset", hp["preset"]] if hp["init"] == "scratch" else [])
-        argv += [x for flag, key in (("--max-steps", "max_steps"), ("--lr", "lr"), ("--eval-every", "eval_every"))
-                 if hp[key] is not None for x in (flag, hp[key])]
+        given = {"init": hp["init"], "preset": hp["preset"] if hp["init"] == "scratch" else None, "max_steps": hp["max_steps"],
+                 "lr": hp["lr"], "eval_every": hp["eval_every"], "batch_size": self.batch_size, "seed": self.seed,
+                 "disc_weight": hp["disc_weight"], "unlabeled": any(r.label < 0 for r in reviews)}
+        cfg = train.TrainConfig(cls="all", out=hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-"),
+                                **{k: v for k, v in given.items() if v is not None})
+        try:
+            train.check_config(cfg)
+        except train.ConfigError as e:  # named as this API names it: max_steps, not --max-steps
+            raise ValueError(f"fit: argument {e.name}: {e}") from None
+        train.resolve_config(cfg)
         unlabeled = [r for r in reviews if r.label < 0]
-        argv += ["--unlabeled"] if unlabeled else []
-        said = io.StringIO()
         try:
-            with contextlib.redirect_stderr(said):
-                args = train.parse_args(list(map(str, argv)))
-        except SystemExit:  # argparse's message, in this API's names
-            message = (said.getvalue().strip().splitlines() or ["error: invalid arguments"])[-1].split("error: ", 1)[-1]
-            message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message.split(" (see ")[0])
-            raise ValueError(f"fit: {message}") from None
-        sys.stderr.write(said.getvalue())  # its warnings and notes
-        try:
-            train.train(args, [], ([r for r in reviews if r.label >= 0], classes, unlabeled))
+            train.train(cfg, [], ([r for r in reviews if r.label >= 0], classes, unlabeled))
         except SystemExit as e:
             raise RuntimeError(f"fit: training stopped (exit status {e.code}; its message is above)") from None
-        fitted = DiffusionClassifier.from_checkpoints(out, mc_samples=self.mc_samples, seed=self.seed,
+        fitted = DiffusionClassifier.from_checkpoints(cfg.out, mc_samples=self.mc_samples, seed=self.seed,
                                                       batch_size=self.batch_size, estimator=self.estimator,
                                                       max_draws=self.max_draws, z=self.z)
         params = self.train_params

@@ -109,21 +109,147 @@ ADDED_LATER = {"disc_weight": 0.0, "consistency_weight": 0.0, "unlabeled": True,
                "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
 
 
-def parse_args(argv=None):
+@dataclasses.dataclass
+class TrainConfig:
+    """What a training run is given: train.py's flags, by their dest names (parse_args fills it from the
+    command line, DiffusionClassifier.fit from its own arguments). check_config refuses a bad value,
+    naming it; resolve_config fills the defaults that depend on the machine and the starting weights (None here)."""
+    cls: str
+    out: str
+    data: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    init: str = "auto"
+    preset: str | None = None
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    labeled_limit: int | None = None
+    unlabeled: bool | None = None
+    eval_every: int = 250
+    val_reviews: int = 64
+    seed: int = 0
+    resume: bool = False
+    disc_weight: float = 10.0
+    consistency_weight: float = 0.0
+    adaptive_head: int | None = None
+    grad_accum: int | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str = "constant"
+    ema_decay: float = 0.9999
+    precision: str = "auto"
+    objective: str = "mdlm"
+    atat_width: int = 64
+    atat_layers: int = 2
+    atat_phases: list = dataclasses.field(default_factory=lambda: [0.3, 0.7])
+    atat_tilt: float = 0.5
+    atat_estimator_weight: float = 1.0
+
+
+DEFAULTS = TrainConfig(cls="", out="")
+
+
+class ConfigError(ValueError):
+    """A TrainConfig value refused: .name is the field (train.py's flag --name with '-' for '_')."""
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse what cannot train, before any data is read. Raises ConfigError naming the field."""
+    positive = ("max_steps", "batch_size", "lr", "labeled_limit", "eval_every", "val_reviews", "grad_accum",
+                "atat_width", "atat_layers")
+    for name in positive:  # argparse's types check these on the command line; fit's arguments arrive unchecked
+        value = getattr(cfg, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(name, f"must be > 0, got {value}")
+    choices = {"preset": PRESETS, "lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16"),
+               "objective": ("mdlm", "atat")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
+            raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in ("preset", "adaptive_head"):  # a model size asks for scratch (init auto becomes scratch)
+        if getattr(cfg, name) is not None and cfg.init not in ("auto", "scratch"):
+            raise ConfigError(name, "applies to --init scratch only (a loaded checkpoint brings its own config)")
+    real = DiTConfig().vocab_size - 1  # GPT-2's tokens (data.check_vocab): the adaptive head's 4 S must stay below them
+    if cfg.adaptive_head is not None and not 0 <= 4 * cfg.adaptive_head < real:
+        raise ConfigError("adaptive_head", f"must be 0 (full head) or 1..{(real - 1) // 4} (4 S below the {real:,} tokens), "
+                          f"got {cfg.adaptive_head}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ConfigError("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ConfigError("ema_decay", f"must be in [0, 1), got {cfg.ema_decay}")
+    for name in ("disc_weight", "consistency_weight", "atat_estimator_weight"):
+        if not getattr(cfg, name) >= 0:
+            raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.cls != "all" and (cfg.labeled_limit or cfg.unlabeled):
+        raise ConfigError("labeled_limit" if cfg.labeled_limit else "unlabeled", "applies to --class all (one joint model "
+                          "over (label, text)); " + ("--class none trains on every text, unlabeled ones included"
+                                                      if cfg.cls == BASE else "a class model trains on its own class's labeled texts"))
+    unlabeled = cfg.labeled_limit is not None if cfg.unlabeled is None else cfg.unlabeled
+    if cfg.consistency_weight and not unlabeled:
+        raise ConfigError("consistency_weight", "reads the unlabeled texts; pass --unlabeled (the default with --labeled-limit)")
+    if unlabeled and cfg.batch_size < 2:
+        raise ConfigError("batch_size", "1, but labeled and unlabeled texts share every micro-batch half and half "
+                          "(--unlabeled); pass 2 or more")
+    if cfg.objective == "atat" and cfg.cls == "all":
+        raise ConfigError("objective", "atat applies to one model per class (--class N); --class all trains the NELBO of (label, text)")
+    if not 0 <= cfg.atat_phases[0] <= cfg.atat_phases[1] <= 1:
+        raise ConfigError("atat_phases", f"expected 0 <= EASY_END <= HARD_START <= 1, got {cfg.atat_phases}")
+    if not 0 <= cfg.atat_tilt < 1:  # at 1 a row's extreme token would never be masked (weight 1/p unbounded)
+        raise ConfigError("atat_tilt", f"must be in [0, 1), got {cfg.atat_tilt}")
+    if cfg.atat_width % ATAT_HEADS:
+        raise ConfigError("atat_width", f"must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {cfg.atat_width}")
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill, in place, the defaults left None: --init auto (hf on a GPU, scratch without), the preset,
+    --unlabeled, the lr, --max-steps and the warmup (CPU_RECIPE for a tiny model). Stored resolved:
+    --resume compares what ran. Says its choices on stderr (rank 0, not on --resume). Returns cfg."""
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    talk = rank0 and not cfg.resume
+    if cfg.init == "auto":
+        sized = cfg.preset is not None or cfg.adaptive_head is not None  # a model size asks for scratch
+        cfg.init = "hf" if torch.cuda.is_available() and not sized else "scratch"
+        if talk and not sized:
+            said = f"a GPU is here: fine-tuning {DEFAULT_REPO}" if cfg.init == "hf" else "no GPU here: the CPU recipe from scratch"
+            print(f"--init auto: {said} (--init hf|scratch|DIR chooses)", file=sys.stderr)
+            talk = False  # one line: the preset below goes without saying
+    if cfg.init == "scratch" and cfg.preset is None:
+        cfg.preset = "small" if torch.cuda.is_available() else "tiny"
+        if talk:
+            size = "169.6M parameters, on the GPU" if cfg.preset == "small" else "8.2M parameters: no GPU here"
+            print(f"--init scratch: the {cfg.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
+    if cfg.unlabeled is None:
+        cfg.unlabeled = cfg.labeled_limit is not None
+    recipe = cfg.preset == CPU_RECIPE["preset"] if cfg.init == "scratch" else tiny_checkpoint(cfg.init)
+    cfg.lr = cfg.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if cfg.init == "scratch" else FINETUNE_LR)
+    cfg.max_steps = cfg.max_steps or (CPU_RECIPE["base_steps" if cfg.cls == BASE else "max_steps"] if recipe else MAX_STEPS)
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = min(100, cfg.max_steps // 8)
+    elif cfg.warmup_steps > cfg.max_steps and rank0:
+        print(f"warning: --warmup-steps {cfg.warmup_steps} is longer than --max-steps {cfg.max_steps}: the lr ends at "
+              f"{cfg.max_steps}/{cfg.warmup_steps} of --lr {cfg.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
+    return cfg
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """train.py's command line -> a checked, resolved TrainConfig (a bad flag: a one-line usage error)."""
     p = ArgumentParser(description=__doc__)
     p.add_argument("--class", dest="cls", required=True,
                    help="class name or index (IMDB: neg = 0, pos = 1), 'all' for one joint model over (label, text) on every "
                         "text, or 'none' for a base model of p(text) on every train and unlabeled text, labels unread "
                         "(fine-tune it with --class all --init DIR)")
     data.add_data_args(p)
-    p.add_argument("--init", default="auto", help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', a "
+    p.add_argument("--init", default=DEFAULTS.init, help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', a "
                    "checkpoint folder / hub id, or auto: hf on a GPU, scratch (the CPU recipe) without one")
     p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny "
                    "without one)")
     p.add_argument("--max-steps", type=data.positive(),
                    help=f"optimizer steps (default for a tiny model: {CPU_RECIPE['base_steps']} with --class none, else "
                         f"{CPU_RECIPE['max_steps']}; else {MAX_STEPS})")
-    p.add_argument("--batch-size", type=data.positive(), default=16, help="texts per micro-batch")
+    p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, help="texts per micro-batch")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} "
                    f"small from scratch, {CPU_RECIPE['lr']} tiny, from scratch or from a tiny checkpoint)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
@@ -134,17 +260,17 @@ def parse_args(argv=None):
                         "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
                         "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
                         "labeled steps and accuracy, docs/label_token.md)")
-    p.add_argument("--eval-every", type=data.positive(), default=250, help="validate and checkpoint every N steps")
-    p.add_argument("--val-texts", "--val-reviews", dest="val_reviews", type=data.positive(), default=64,
+    p.add_argument("--eval-every", type=data.positive(), default=DEFAULTS.eval_every, help="validate and checkpoint every N steps")
+    p.add_argument("--val-texts", "--val-reviews", dest="val_reviews", type=data.positive(), default=DEFAULTS.val_reviews,
                    help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     a = p.add_argument_group("advanced (the defaults are the measured recipe's)")
-    a.add_argument("--disc-weight", type=float, default=10.0, metavar="λ",
+    a.add_argument("--disc-weight", type=float, default=DEFAULTS.disc_weight, metavar="λ",
                    help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
                         "to the NELBO (0: purely generative)")
-    a.add_argument("--consistency-weight", type=float, default=0.0, metavar="μ",
+    a.add_argument("--consistency-weight", type=float, default=DEFAULTS.consistency_weight, metavar="μ",
                    help="--class all with --unlabeled: weight of KL(p(y | x) || p(y | x_t)) on the unlabeled texts, the "
                         "readout under the forward process's noise against the clean text's (consistency training; 0: off)")
     a.add_argument("--adaptive-head", type=int, metavar="S",
@@ -155,80 +281,29 @@ def parse_args(argv=None):
                         "texts; None: one per process)")
     a.add_argument("--warmup-steps", type=int, help="linear warmup steps (0: none; default 100, or an eighth of "
                    "--max-steps when that is shorter)")
-    a.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    a.add_argument("--lr-schedule", choices=["constant", "cosine"], default=DEFAULTS.lr_schedule,
                    help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
-    a.add_argument("--ema-decay", type=float, default=0.9999)
-    a.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    a.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay)
+    a.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=DEFAULTS.precision,
                    help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
                         "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
-    a.add_argument("--objective", choices=["mdlm", "atat"], default="mdlm",
+    a.add_argument("--objective", choices=["mdlm", "atat"], default=DEFAULTS.objective,
                    help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
-    a.add_argument("--atat-width", type=data.positive(), default=64, help="--objective atat: the importance estimator's width")
-    a.add_argument("--atat-layers", type=data.positive(), default=2, help="--objective atat: its transformer layers")
-    a.add_argument("--atat-phases", type=float, nargs=2, default=[0.3, 0.7], metavar=("EASY_END", "HARD_START"),
+    a.add_argument("--atat-width", type=data.positive(), default=DEFAULTS.atat_width, help="--objective atat: the importance estimator's width")
+    a.add_argument("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers, help="--objective atat: its transformer layers")
+    a.add_argument("--atat-phases", type=float, nargs=2, default=DEFAULTS.atat_phases, metavar=("EASY_END", "HARD_START"),
                    help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, "
                         "hard ones more after HARD_START x --max-steps, and moves between the two in the middle")
-    a.add_argument("--atat-tilt", type=float, default=0.5,
+    a.add_argument("--atat-tilt", type=float, default=DEFAULTS.atat_tilt,
                    help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
-    a.add_argument("--atat-estimator-weight", type=float, default=1.0,
+    a.add_argument("--atat-estimator-weight", type=float, default=DEFAULTS.atat_estimator_weight,
                    help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
-    args = p.parse_args(argv)
-    talk = int(os.environ.get("RANK", 0)) == 0 and not args.resume
-    if args.init == "auto":  # stored resolved, as the rest below: --resume compares what ran
-        sized = args.preset is not None or args.adaptive_head is not None  # a model size asks for scratch
-        args.init = "hf" if torch.cuda.is_available() and not sized else "scratch"
-        if talk and not sized:
-            said = f"a GPU is here: fine-tuning {DEFAULT_REPO}" if args.init == "hf" else "no GPU here: the CPU recipe from scratch"
-            print(f"--init auto: {said} (--init hf|scratch|DIR chooses)", file=sys.stderr)
-            talk = False  # one line: the preset below goes without saying
-    for flag in ("preset", "adaptive_head"):
-        if getattr(args, flag) is not None and args.init != "scratch":
-            p.error(f"--{flag.replace('_', '-')} applies to --init scratch only (a loaded checkpoint brings its own config)")
-    real = DiTConfig().vocab_size - 1  # GPT-2's tokens (data.check_vocab): the adaptive head's 4 S must stay below them
-    if args.adaptive_head is not None and not 0 <= 4 * args.adaptive_head < real:
-        p.error(f"argument --adaptive-head: must be 0 (full head) or 1..{(real - 1) // 4} (4 S below the {real:,} tokens), "
-                f"got {args.adaptive_head}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        p.error(f"argument --warmup-steps: must be >= 0, got {args.warmup_steps}")
-    if not 0 <= args.ema_decay < 1:
-        p.error(f"argument --ema-decay: must be in [0, 1), got {args.ema_decay}")
-    for flag in ("disc_weight", "consistency_weight"):
-        if not getattr(args, flag) >= 0:
-            p.error(f"argument --{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
-    if args.cls != "all" and (args.labeled_limit or args.unlabeled):
-        p.error(f"argument --{'labeled-limit' if args.labeled_limit else 'unlabeled'}: applies to --class all (one joint "
-                "model over (label, text)); " + ("--class none trains on every text, unlabeled ones included"
-                                                 if args.cls == BASE else "a class model trains on its own class's labeled texts"))
-    if args.unlabeled is None:  # stored resolved: --resume compares what ran
-        args.unlabeled = args.labeled_limit is not None
-    if args.consistency_weight and not args.unlabeled:
-        p.error("argument --consistency-weight: reads the unlabeled texts; pass --unlabeled (the default with --labeled-limit)")
-    if args.unlabeled and args.batch_size < 2:
-        p.error("argument --batch-size: 1, but labeled and unlabeled texts share every micro-batch half and half (--unlabeled); pass 2 or more")
-    if args.objective == "atat" and args.cls == "all":
-        p.error("argument --objective atat: applies to one model per class (--class N); --class all trains the NELBO of (label, text)")
-    if not 0 <= args.atat_phases[0] <= args.atat_phases[1] <= 1:
-        p.error(f"argument --atat-phases: expected 0 <= EASY_END <= HARD_START <= 1, got {args.atat_phases}")
-    if not 0 <= args.atat_tilt < 1:  # at 1 a row's extreme token would never be masked (weight 1/p unbounded)
-        p.error(f"argument --atat-tilt: must be in [0, 1), got {args.atat_tilt}")
-    if args.atat_width % ATAT_HEADS:
-        p.error(f"argument --atat-width: must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {args.atat_width}")
-    if not args.atat_estimator_weight >= 0:
-        p.error(f"argument --atat-estimator-weight: must be >= 0, got {args.atat_estimator_weight}")
-    if args.init == "scratch" and args.preset is None:
-        args.preset = "small" if torch.cuda.is_available() else "tiny"
-        if talk:
-            size = "169.6M parameters, on the GPU" if args.preset == "small" else "8.2M parameters: no GPU here"
-            print(f"--init scratch: the {args.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
-    recipe = args.preset == CPU_RECIPE["preset"] if args.init == "scratch" else tiny_checkpoint(args.init)
-    args.lr = args.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if args.init == "scratch" else FINETUNE_LR)
-    args.max_steps = args.max_steps or (CPU_RECIPE["base_steps" if args.cls == BASE else "max_steps"] if recipe else MAX_STEPS)
-    if args.warmup_steps is None:
-        args.warmup_steps = min(100, args.max_steps // 8)
-    elif args.warmup_steps > args.max_steps and int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: --warmup-steps {args.warmup_steps} is longer than --max-steps {args.max_steps}: the lr ends at "
-              f"{args.max_steps}/{args.warmup_steps} of --lr {args.lr} (pass a shorter --warmup-steps)", file=sys.stderr)
-    return args
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        p.error(f"argument --{e.name.replace('_', '-')}: {e}")
+    return resolve_config(cfg)
 
 
 def tiny_checkpoint(init: str) -> bool:
@@ -603,7 +678,7 @@ class Run:
     GPT-2 ids; text_labels: long [N], each text's label (n_classes for an unlabeled one); val_tokens
     and val_labels: the held-out texts validate scores; ddp / est_ddp: the DiT and the ATAT
     estimator as the step runs them (DDP-wrapped under torchrun, else the modules themselves)."""
-    args: argparse.Namespace
+    args: TrainConfig
     rank: int
     world: int
     device: str

@@ -397,4 +397,4 @@ def test_atat_is_refused_for_the_joint_model(capsys):
     import train
     with pytest.raises(SystemExit):
         train.parse_args(["--class", "all", "--objective", "atat", "--out", "x"])
-    assert "--objective atat: applies to one model per class" in capsys.readouterr().err
+    assert "--objective: atat applies to one model per class" in capsys.readouterr().err
