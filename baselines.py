@@ -130,7 +130,7 @@ def main():
         other = None
         if args.novelty_data:
             texts = read_texts(args.novelty_data)[0]
-            other = texts_and_labels([data.Review(t, -1, i, 0) for i, t in enumerate(texts)], args.tokens)[0]
+            other = texts_and_labels([data.Review(t, data.UNLABELED, i, 0) for i, t in enumerate(texts)], args.tokens)[0]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 

@@ -38,6 +38,7 @@ NELBO under every class, and the margin (NELBO of the second-best class minus th
 with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
 "partial": true, and exits with status 130.
 """
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -303,11 +304,11 @@ class DiffusionClassifier:
         classes = sorted({str(y) for y in labels if y is not None})
         if len(classes) < 2:
             raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs two or more")
-        reviews = [data.Review(t, -1 if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
+        reviews = [data.Review(t, data.UNLABELED if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
         hp = self.train_params
         given = {"init": hp["init"], "preset": hp["preset"] if hp["init"] == "scratch" else None, "max_steps": hp["max_steps"],
                  "lr": hp["lr"], "eval_every": hp["eval_every"], "batch_size": self.batch_size, "seed": self.seed,
-                 "disc_weight": hp["disc_weight"], "unlabeled": any(r.label < 0 for r in reviews)}
+                 "disc_weight": hp["disc_weight"], "unlabeled": any(r.label == data.UNLABELED for r in reviews)}
         cfg = train.TrainConfig(cls="all", out=hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-"),
                                 **{k: v for k, v in given.items() if v is not None})
         try:
@@ -315,9 +316,9 @@ class DiffusionClassifier:
         except train.ConfigError as e:  # named as this API names it: max_steps, not --max-steps
             raise ValueError(f"fit: argument {e.name}: {e}") from None
         train.resolve_config(cfg)
-        unlabeled = [r for r in reviews if r.label < 0]
+        unlabeled = [r for r in reviews if r.label == data.UNLABELED]
         try:
-            train.train(cfg, [], ([r for r in reviews if r.label >= 0], classes, unlabeled))
+            train.train(cfg, [], ([r for r in reviews if r.label != data.UNLABELED], classes, unlabeled))
         except SystemExit as e:
             raise RuntimeError(f"fit: training stopped (exit status {e.code}; its message is above)") from None
         fitted = DiffusionClassifier.from_checkpoints(cfg.out, mc_samples=self.mc_samples, seed=self.seed,
@@ -403,6 +404,7 @@ class DiffusionClassifier:
         return [self.classes[c] for c in self.predict_proba(texts).argmax(1)]
 
 
+# ---- the command line: its helpers, then parse -> texts -> score -> summarise -> print, run in that order
 def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     """Accuracy with its 95% Wilson score interval (Wilson 1927), confusion matrix (rows = true class,
     columns = predicted) and per-class precision/recall."""
@@ -445,7 +447,7 @@ def labeled_texts(args) -> tuple[list[data.Review], list[str]]:
     to a balanced, seeded --limit. Raises DataError."""
     if args.test_data:
         reviews, names = data.read_labeled(args.test_data, args.text_field, args.label_field)
-        reviews = [r for r in reviews if r.label >= 0]
+        reviews = [r for r in reviews if r.label != data.UNLABELED]
     else:
         reviews, names = data.load_dataset(args.data, args.split, args.text_field, args.label_field)
     return (data.balanced_subset(reviews, args.limit) if args.limit else reviews), names
@@ -487,173 +489,6 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
           f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
           f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {CALIBRATION} in {', '.join(paths)}")
-
-
-def run(argv=None):
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt0", help="checkpoint folder of class 0's model (IMDB: neg)")
-    p.add_argument("--ckpt1", help="checkpoint folder of class 1's model (IMDB: pos)")
-    p.add_argument("--ckpt", action="append", default=[],
-                   help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
-    advanced = add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
-    advanced.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
-                          "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
-    advanced.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its "
-                          "margin exceeds z standard errors")
-    advanced.add_argument("--novelty-draws", type=data.positive(), default=NOVELTY_DRAWS,
-                          help="--novelty: Monte-Carlo draws per text (fewer: faster and noisier)")
-    p.add_argument("--readout", choices=READOUTS, help="posterior: one forward pass per window, p(label | text) at the "
-                   "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
-                   "(per-class models' only readout)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit the posterior temperature on the training data's held-out validation texts (--limit N of "
-                        f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), store it "
-                        "with the checkpoints (calibration.json) and exit; later runs use it")
-    p.add_argument("--novelty", action="store_true",
-                   help="also score how unlike the training texts each text is: its NELBO with the label unknown, "
-                        "nats/token (DiffusionClassifier.novelty)")
-    p.add_argument("--novelty-data", metavar="FILE",
-                   help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, or a folder "
-                        "of .txt): report the AUROC of telling the scored texts from these by novelty and by max posterior "
-                        "(implies --novelty)")
-    p.add_argument("--json", help="write the summary and one row per text (id, text, label, prediction, posterior, NELBOs) here")
-    args = p.parse_args(argv)
-    paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
-    if not paths:
-        p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
-
-    # what this command needs from outside, all checked before any model or data is loaded
-    sources = [(args.data, "--data")] if args.calibrate or not (args.input or args.test_data) else []
-    sources += [(path, flag) for path, flag in ((args.test_data, "--test-data"), (args.novelty_data, "--novelty-data"))
-                if path and not args.calibrate]
-    preflight([data.get_tokenizer] + [lambda p=p, f=f: data.check_source(p, f) for p, f in sources], (data.DataError,))
-    rank, world, device = init_distributed()
-    if world > 1 and (args.novelty or args.novelty_data):
-        p.error("argument --novelty: runs in one process (not under torchrun)")
-    if args.input and (args.limit or args.test_data):  # they pick labeled texts; --input's are all scored
-        p.error(f"argument --input: scores every text of {args.input}; --limit and --test-data select labeled texts instead")
-    if args.max_draws and args.max_draws % args.mc_samples:
-        p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
-    try:
-        clf = DiffusionClassifier.from_checkpoints(paths, device, args.mc_samples, args.seed, args.batch_size, args.estimator,
-                                                   args.max_draws, args.z, args.precision, args.readout)
-    except PrecisionError as e:
-        p.error(f"argument --precision: {e}")
-    if args.calibrate:
-        calibrate(args, clf, paths, rank)
-        return
-    temperature, temperature_source = clf.temperature, clf.temperature_source
-    names, max_len = clf.classes, clf.models[0].config.model_length
-    if args.input:
-        (texts, ids), labels = read_input(args.input), None
-    else:
-        reviews, data_names = labeled_texts(args)
-        unknown = [n for n in data_names if n not in names]
-        if unknown:
-            raise data.DataError(f"{args.test_data or args.data}: class {unknown[0]!r} has no checkpoint "
-                                 f"(the checkpoints are {', '.join(names)})")
-        texts, labels = [r.text for r in reviews], np.array([names.index(data_names[r.label]) for r in reviews])
-        ids = [text_id(r, data_names, args) for r in reviews]
-    tokens = data.encode(texts)
-
-    # scored in slices, in a seeded random order, so that Ctrl-C keeps a fair sample of the texts:
-    # the draws of a text depend on its index alone, not on its slice
-    draws = np.full((len(texts), len(names), clf.most_draws()), np.nan)
-    order, size = np.random.default_rng(args.seed).permutation(len(texts)), SLICE_BATCHES * args.batch_size * world
-    done, start = 0, time.perf_counter()
-    bar = progress_bar(len(texts), "scoring", "text", disable=rank > 0)
-    try:
-        for done in range(0, len(texts), size):
-            part = order[done:done + size]
-            draws[part] = clf.draws([tokens[i] for i in part], index=part)
-            bar.update(len(part))
-        done = len(texts)
-    except KeyboardInterrupt:
-        if rank > 0 or not done:
-            raise
-    bar.close()
-    seconds = time.perf_counter() - start
-    if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
-        return
-    total, partial = len(texts), done < len(texts)
-    kept = np.sort(order[:done])  # in input order
-    texts, ids, tokens, draws = [texts[i] for i in kept], [ids[i] for i in kept], [tokens[i] for i in kept], draws[kept]
-    labels = None if labels is None else labels[kept]
-    nelbo = np.nanmean(draws, -1)
-    n_draws = draws_taken(draws)
-    margin, margin_se = paired_margin(draws)
-    post = posteriors(nelbo, temperature)
-    pred = post.argmax(1)
-    novelty, novelty_summary = None, None
-    if args.novelty or args.novelty_data:
-        novelty, novelty_summary = score_novelty(clf, args.novelty_data, tokens, post, args)
-        novelty_summary["draws"] = args.novelty_draws
-
-    summary = {"partial": partial, "n_texts": len(texts), "n_texts_asked": total, "classes": names, "checkpoints": paths, "mc_samples": args.mc_samples,
-               "max_draws": clf.most_draws(), "z": args.z, "mean_draws": float(n_draws.mean()),
-               "readout": clf.readout, "estimator": args.estimator, "temperature": temperature, "temperature_source": temperature_source,
-               "seed": args.seed, "device": str(clf.device), "processes": world, "seconds": seconds,
-               "texts_per_s": len(texts) / seconds, "windowed_texts": sum(len(t) > max_len for t in tokens), "max_len": max_len,
-               **trained_on(paths)}  # what the model learned from: the learning curve's x (plot.py)
-    if labels is None:
-        summary.update(input=args.input)
-        print(f"{len(texts)} texts from --input {args.input}; {summary['windowed_texts']} longer than {max_len} tokens "
-              f"scored whole in windows; posteriors {temperature_source}", file=sys.stderr)
-        print("id\tclass\tposterior\t" + ("" if novelty is None else "novelty (nats/token)\t") + "text")
-        for n, (i, c, pr, text) in enumerate(zip(ids, pred, post, texts)):  # one line per text
-            score = "" if novelty is None else f"{novelty[n]:.4f}\t"
-            print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{score}{' '.join(text[:70].split())}")
-    else:
-        source = args.test_data or f"{args.split} split"
-        summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
-        summary.update(report(labels, pred, names))
-        summary["calibration"] = {"uncalibrated": calibration.summary(-nelbo, labels, 1.0),
-                                  "calibrated": calibration.summary(-nelbo, labels, temperature)}
-        # mean NELBO (nats/token) under each class on each true class: the evidence behind the confusion matrix
-        if clf.readout == "nelbo":
-            summary["nats_per_token"] = {names[c]: {names[m]: float(nelbo[labels == c, m].sum() / sum(len(tokens[i]) for i in np.flatnonzero(labels == c)))
-                                                    for m in range(len(names))} for c in np.unique(labels)}
-        low, high = summary["accuracy_ci95"]
-        draws_note = f"K={args.mc_samples} ({args.estimator})" if clf.most_draws() == args.mc_samples else \
-            f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {clf.most_draws()}, z={args.z:g}) ({args.estimator})"
-        if clf.readout == "posterior":
-            draws_note = "posterior readout (one pass per window)"
-        scope = f"{len(texts)} texts" + (f" (PARTIAL: a random {len(texts)} of {total})" if partial else "")
-        print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} ({source}), {draws_note}, "
-              f"{summary['texts_per_s']:.1f} texts/s on {clf.device}; {summary['windowed_texts']} texts longer than "
-              f"{max_len} tokens scored in windows")
-        print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
-        for c, row in enumerate(summary["confusion_matrix"]):
-            print(f"  {names[c]:>8} " + " ".join(f"{v:6d}" for v in row))
-        for c, d in summary["per_class"].items():
-            print(f"  {c}: precision {d['precision']:.4f} recall {d['recall']:.4f}")
-        for c, row in summary.get("nats_per_token", {}).items():
-            print(f"  true {c}: nats/token under " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
-        cal = summary["calibration"]
-        print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
-              f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; {temperature_source}")
-    if novelty_summary:
-        summary["novelty"] = novelty_summary
-        line = f"novelty (NELBO with the label unknown, nats/token): mean {novelty_summary['mean_nats_per_token']:.4f} over the {len(texts)} texts"
-        if args.novelty_data:
-            auc = novelty_summary["auroc"]
-            line += (f"; {novelty_summary['n_other']} texts of --novelty-data {args.novelty_data}: mean "
-                     f"{novelty_summary['other_mean_nats_per_token']:.4f}; AUROC of telling them apart: novelty "
-                     f"{auc['novelty']:.4f}, max posterior {auc['max_posterior']:.4f}")
-        print(line)
-    if args.json:
-        summary["texts"] = [{"id": ids[i], "text": texts[i], "label": None if labels is None else names[labels[i]],
-                             "pred": names[pred[i]], "posterior": post[i].round(6).tolist(),
-                             ("nelbo" if clf.readout == "nelbo" else "neg_log_posterior"): nelbo[i].round(4).tolist(),
-                             "margin": round(float(margin[i]), 4),
-                             "margin_se": None if np.isnan(margin_se[i]) else round(float(margin_se[i]), 4),
-                             "draws": int(n_draws[i]), "n_tokens": len(tokens[i]),
-                             **({} if novelty is None else {"novelty_nats_per_token": round(float(novelty[i]), 4)})}
-                            for i in range(len(texts))]
-        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
-    if partial:
-        written = f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} (marked partial)"
-        fail(f"interrupted after {done} of {total} texts{written}", 130)
 
 
 def trained_on(paths: list[str]) -> dict:
@@ -712,6 +547,242 @@ def text_id(review: data.Review, names: list[str], args) -> str | int:
     if review.rating:  # only IMDB reviews carry a rating
         return f"{args.split}/{names[review.label]}/{review.id}_{review.rating}.txt"
     return review.id
+
+
+def parse_args(argv=None):
+    """classify.py's command line -> (its parser, for later usage errors; the arguments, with .paths:
+    the checkpoint folders in class order)."""
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--ckpt0", help="checkpoint folder of class 0's model (IMDB: neg)")
+    p.add_argument("--ckpt1", help="checkpoint folder of class 1's model (IMDB: pos)")
+    p.add_argument("--ckpt", action="append", default=[],
+                   help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
+    advanced = add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
+    advanced.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
+                          "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
+    advanced.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its "
+                          "margin exceeds z standard errors")
+    advanced.add_argument("--novelty-draws", type=data.positive(), default=NOVELTY_DRAWS,
+                          help="--novelty: Monte-Carlo draws per text (fewer: faster and noisier)")
+    p.add_argument("--readout", choices=READOUTS, help="posterior: one forward pass per window, p(label | text) at the "
+                   "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
+                   "(per-class models' only readout)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the posterior temperature on the training data's held-out validation texts (--limit N of "
+                        f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), store it "
+                        "with the checkpoints (calibration.json) and exit; later runs use it")
+    p.add_argument("--novelty", action="store_true",
+                   help="also score how unlike the training texts each text is: its NELBO with the label unknown, "
+                        "nats/token (DiffusionClassifier.novelty)")
+    p.add_argument("--novelty-data", metavar="FILE",
+                   help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, or a folder "
+                        "of .txt): report the AUROC of telling the scored texts from these by novelty and by max posterior "
+                        "(implies --novelty)")
+    p.add_argument("--json", help="write the summary and one row per text (id, text, label, prediction, posterior, NELBOs) here")
+    args = p.parse_args(argv)
+    args.paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
+    if not args.paths:
+        p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
+    if args.input and (args.limit or args.test_data):  # they pick labeled texts; --input's are all scored
+        p.error(f"argument --input: scores every text of {args.input}; --limit and --test-data select labeled texts instead")
+    if args.max_draws and args.max_draws % args.mc_samples:
+        p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
+    return p, args
+
+
+def texts_to_score(args, names: list[str]) -> tuple[list[str], list, np.ndarray | None]:
+    """(texts, their ids, labels: long [N] indexing the checkpoints' class names `names`, or None for
+    --input's texts). Raises DataError for a labeled class without a checkpoint."""
+    if args.input:
+        return *read_input(args.input), None
+    reviews, data_names = labeled_texts(args)
+    unknown = [n for n in data_names if n not in names]
+    if unknown:
+        raise data.DataError(f"{args.test_data or args.data}: class {unknown[0]!r} has no checkpoint "
+                             f"(the checkpoints are {', '.join(names)})")
+    labels = np.array([names.index(data_names[r.label]) for r in reviews])
+    return [r.text for r in reviews], [text_id(r, data_names, args) for r in reviews], labels
+
+
+def score_in_slices(clf: DiffusionClassifier, tokens: list[list[int]], args, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every text's draws, float64 [N, C, clf.most_draws()] (NaN where not drawn), and the indices
+    scored (sorted): all of them, or after Ctrl-C (rank 0, past the first slice) those done so far.
+    Slices in a seeded random order, so that an interrupted run keeps a fair sample of the texts;
+    a text's draws depend on its index alone, not on its slice."""
+    draws = np.full((len(tokens), len(clf.classes), clf.most_draws()), np.nan)
+    order, size = np.random.default_rng(args.seed).permutation(len(tokens)), SLICE_BATCHES * args.batch_size * world
+    done = 0
+    bar = progress_bar(len(tokens), "scoring", "text", disable=rank > 0)
+    try:
+        for done in range(0, len(tokens), size):
+            part = order[done:done + size]
+            draws[part] = clf.draws([tokens[i] for i in part], index=part)
+            bar.update(len(part))
+        done = len(tokens)
+    except KeyboardInterrupt:
+        if rank > 0 or not done:
+            raise
+    bar.close()
+    return draws, np.sort(order[:done])
+
+
+@dataclasses.dataclass
+class Scored:
+    """The scored texts, in input order, and what the CLI reports of each: nelbo float64 [N, C] (the
+    class NELBOs, or -log p(c | text) under the posterior readout), post [N, C] (temperature applied),
+    pred long [N], margin and margin_se [N] (scoring.paired_margin), n_draws [N], novelty [N] or None."""
+    texts: list
+    ids: list
+    tokens: list
+    labels: np.ndarray | None
+    nelbo: np.ndarray
+    post: np.ndarray
+    pred: np.ndarray
+    margin: np.ndarray
+    margin_se: np.ndarray
+    n_draws: np.ndarray
+    novelty: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, texts, ids, tokens, labels, draws: np.ndarray, kept: np.ndarray, temperature: float) -> "Scored":
+        nelbo = np.nanmean(draws[kept], -1)
+        post = posteriors(nelbo, temperature)
+        return cls([texts[i] for i in kept], [ids[i] for i in kept], [tokens[i] for i in kept],
+                   None if labels is None else labels[kept], nelbo, post, post.argmax(1), *paired_margin(draws[kept]),
+                   draws_taken(draws[kept]))
+
+
+def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: int, world: int) -> dict:
+    """The run's summary (what --json holds above its rows): settings, speed, the training texts of
+    the checkpoints, and with labels the accuracy, confusion matrix, calibration and (nelbo readout)
+    the mean nats/token under each class on each true class."""
+    names, max_len = clf.classes, clf.models[0].config.model_length
+    summary = {"partial": len(s.texts) < total, "n_texts": len(s.texts), "n_texts_asked": total, "classes": names,
+               "checkpoints": args.paths, "mc_samples": args.mc_samples, "max_draws": clf.most_draws(), "z": args.z,
+               "mean_draws": float(s.n_draws.mean()), "readout": clf.readout, "estimator": args.estimator,
+               "temperature": clf.temperature, "temperature_source": clf.temperature_source, "seed": args.seed,
+               "device": str(clf.device), "processes": world, "seconds": seconds, "texts_per_s": len(s.texts) / seconds,
+               "windowed_texts": sum(len(t) > max_len for t in s.tokens), "max_len": max_len,
+               **trained_on(args.paths)}  # what the model learned from: the learning curve's x (plot.py)
+    if s.labels is None:
+        return {**summary, "input": args.input}
+    summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
+    summary.update(report(s.labels, s.pred, names))
+    summary["calibration"] = {"uncalibrated": calibration.summary(-s.nelbo, s.labels, 1.0),
+                              "calibrated": calibration.summary(-s.nelbo, s.labels, clf.temperature)}
+    if clf.readout == "nelbo":  # the evidence behind the confusion matrix
+        summary["nats_per_token"] = {names[c]: {names[m]: float(s.nelbo[s.labels == c, m].sum() / sum(
+            len(s.tokens[i]) for i in np.flatnonzero(s.labels == c))) for m in range(len(names))} for c in np.unique(s.labels)}
+    return summary
+
+
+def print_rows(s: Scored, summary: dict, names: list[str]) -> None:
+    """--input: one tab-separated line per text (id, class, its posterior, novelty, the text's start)."""
+    print(f"{len(s.texts)} texts from --input {summary['input']}; {summary['windowed_texts']} longer than "
+          f"{summary['max_len']} tokens scored whole in windows; posteriors {summary['temperature_source']}", file=sys.stderr)
+    print("id\tclass\tposterior\t" + ("" if s.novelty is None else "novelty (nats/token)\t") + "text")
+    for n, (i, c, pr, text) in enumerate(zip(s.ids, s.pred, s.post, s.texts)):
+        score = "" if s.novelty is None else f"{s.novelty[n]:.4f}\t"
+        print(f"{i}\t{names[c]}\t{pr[c]:.4f}\t{score}{' '.join(text[:70].split())}")
+
+
+def print_report(summary: dict, args) -> None:
+    """Labeled texts: accuracy with its interval, the confusion matrix, precision and recall per
+    class, (nelbo readout) nats/token per class, and the posteriors' NLL and ECE before and after T."""
+    names, low, high = summary["classes"], *summary["accuracy_ci95"]
+    if summary["readout"] == "posterior":
+        draws_note = "posterior readout (one pass per window)"
+    elif summary["max_draws"] == args.mc_samples:
+        draws_note = f"K={args.mc_samples} ({args.estimator})"
+    else:
+        draws_note = (f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {summary['max_draws']}, "
+                      f"z={args.z:g}) ({args.estimator})")
+    n, total = summary["n_texts"], summary["n_texts_asked"]
+    scope = f"{n} texts" + (f" (PARTIAL: a random {n} of {total})" if summary["partial"] else "")
+    print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} "
+          f"({args.test_data or f'{args.split} split'}), {draws_note}, {summary['texts_per_s']:.1f} texts/s on "
+          f"{summary['device']}; {summary['windowed_texts']} texts longer than {summary['max_len']} tokens scored in windows")
+    print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
+    for c, row in enumerate(summary["confusion_matrix"]):
+        print(f"  {names[c]:>8} " + " ".join(f"{v:6d}" for v in row))
+    for c, d in summary["per_class"].items():
+        print(f"  {c}: precision {d['precision']:.4f} recall {d['recall']:.4f}")
+    for c, row in summary.get("nats_per_token", {}).items():
+        print(f"  true {c}: nats/token under " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
+    cal = summary["calibration"]
+    print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
+          f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; "
+          f"{summary['temperature_source']}")
+
+
+def print_novelty(novelty: dict, n_texts: int, other_path: str | None) -> None:
+    """--novelty: the mean novelty, and with --novelty-data the other texts' and both AUROCs."""
+    line = f"novelty (NELBO with the label unknown, nats/token): mean {novelty['mean_nats_per_token']:.4f} over the {n_texts} texts"
+    if other_path:
+        auc = novelty["auroc"]
+        line += (f"; {novelty['n_other']} texts of --novelty-data {other_path}: mean "
+                 f"{novelty['other_mean_nats_per_token']:.4f}; AUROC of telling them apart: novelty "
+                 f"{auc['novelty']:.4f}, max posterior {auc['max_posterior']:.4f}")
+    print(line)
+
+
+def json_rows(s: Scored, names: list[str], readout: str) -> list[dict]:
+    """--json: one record per scored text."""
+    return [{"id": s.ids[i], "text": s.texts[i], "label": None if s.labels is None else names[s.labels[i]],
+             "pred": names[s.pred[i]], "posterior": s.post[i].round(6).tolist(),
+             ("nelbo" if readout == "nelbo" else "neg_log_posterior"): s.nelbo[i].round(4).tolist(),
+             "margin": round(float(s.margin[i]), 4),
+             "margin_se": None if np.isnan(s.margin_se[i]) else round(float(s.margin_se[i]), 4),
+             "draws": int(s.n_draws[i]), "n_tokens": len(s.tokens[i]),
+             **({} if s.novelty is None else {"novelty_nats_per_token": round(float(s.novelty[i]), 4)})}
+            for i in range(len(s.texts))]
+
+
+def run(argv=None):
+    """classify.py: parse, check what is needed from outside, load, (--calibrate: fit T and stop),
+    read the texts, score them, summarise, print, write --json."""
+    p, args = parse_args(argv)
+    # what this command needs from outside, all checked before any model or data is loaded
+    sources = [(args.data, "--data")] if args.calibrate or not (args.input or args.test_data) else []
+    sources += [(path, flag) for path, flag in ((args.test_data, "--test-data"), (args.novelty_data, "--novelty-data"))
+                if path and not args.calibrate]
+    preflight([data.get_tokenizer] + [lambda p=p, f=f: data.check_source(p, f) for p, f in sources], (data.DataError,))
+    rank, world, device = init_distributed()
+    if world > 1 and (args.novelty or args.novelty_data):
+        p.error("argument --novelty: runs in one process (not under torchrun)")
+    try:
+        clf = DiffusionClassifier.from_checkpoints(args.paths, device, args.mc_samples, args.seed, args.batch_size,
+                                                   args.estimator, args.max_draws, args.z, args.precision, args.readout)
+    except PrecisionError as e:
+        p.error(f"argument --precision: {e}")
+    if args.calibrate:
+        calibrate(args, clf, args.paths, rank)
+        return
+    texts, ids, labels = texts_to_score(args, clf.classes)
+    tokens = data.encode(texts)
+    start = time.perf_counter()
+    draws, kept = score_in_slices(clf, tokens, args, rank, world)
+    seconds = time.perf_counter() - start
+    if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
+        return
+    scored = Scored.of(texts, ids, tokens, labels, draws, kept, clf.temperature)
+    summary = summarise(args, clf, scored, seconds, len(texts), world)
+    if args.novelty or args.novelty_data:
+        scored.novelty, summary["novelty"] = score_novelty(clf, args.novelty_data, scored.tokens, scored.post, args)
+        summary["novelty"]["draws"] = args.novelty_draws
+    if labels is None:
+        print_rows(scored, summary, clf.classes)
+    else:
+        print_report(summary, args)
+    if "novelty" in summary:
+        print_novelty(summary["novelty"], len(scored.texts), args.novelty_data)
+    if args.json:
+        summary["texts"] = json_rows(scored, clf.classes, clf.readout)
+        atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
+    if summary["partial"]:
+        done = len(scored.texts)
+        written = f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} (marked partial)"
+        fail(f"interrupted after {done} of {len(texts)} texts{written}", 130)
 
 
 def main(argv=None):

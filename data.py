@@ -46,11 +46,16 @@ class DataError(ValueError):
     """Data that cannot be used as asked; the message names the path or argument."""
 
 
+# a text without a label: Review.label (the model's masked label slot is index n_classes, model.py; the
+# Python API's is None, scoring.score_texts and DiffusionClassifier.fit)
+UNLABELED = -1
+
+
 @dataclass
 class Review:
     """One text of any dataset (the name is IMDB's)."""
     text: str
-    label: int   # index into the dataset's class names; -1 for unlabeled (unsup) reviews
+    label: int   # index into the dataset's class names; UNLABELED for unlabeled (unsup) reviews
     id: int      # IMDB: the <id> of <id>_<rating>.txt; other datasets: position in the file (or folder)
     rating: int  # IMDB: 1-4 neg, 7-10 pos, 0 unsup; other datasets: 0
 
@@ -80,7 +85,7 @@ def _split_of(split_dir: str, label_dir: str) -> str:
 
 
 def _review(split_dir, label_dir, rid, rating, text) -> Review:
-    return Review(text, -1 if label_dir == "unsup" else CLASSES.index(label_dir), int(rid), int(rating))
+    return Review(text, UNLABELED if label_dir == "unsup" else CLASSES.index(label_dir), int(rid), int(rating))
 
 
 def load_imdb(split: str, path: str | None = None) -> list[Review]:
@@ -163,11 +168,11 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     if path is None or _is_imdb(Path(path)):
         return load_imdb(split, path), list(CLASSES)
     reviews, names = read_labeled(path, text_field, label_field)
-    train, test = train_val_split([r for r in reviews if r.label >= 0], TEST_FRACTION, seed=0)
+    train, test = train_val_split([r for r in reviews if r.label != UNLABELED], TEST_FRACTION, seed=0)
     if split == "test" and not test:
         raise DataError(f"{path}: the test split is empty (it holds out {TEST_FRACTION:.0%} of each class, which rounds "
                         "to none for classes this small); pass a separate --test-data")
-    return {"train": train, "test": test, "unsup": [r for r in reviews if r.label < 0]}[split], names
+    return {"train": train, "test": test, "unsup": [r for r in reviews if r.label == UNLABELED]}[split], names
 
 
 def check_source(path: str | None, flag: str = "--data") -> None:
@@ -192,7 +197,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
 
     JSONL: one object per line, blank lines skipped; CSV: a header row naming the columns; both
     need a non-empty text under `text_field` and a string or integer label under `label_field`;
-    an empty or null label marks an unlabeled text (Review.label -1, not a class).
+    an empty or null label marks an unlabeled text (Review.label UNLABELED, not a class).
     A folder: <path>/<label>/*.txt. Raises DataError naming the file (and line) for a missing
     path, an unknown file type, text that is not UTF-8, a bad JSON line, a missing column,
     field, text or label, or a dataset with no (labeled) text.
@@ -219,7 +224,7 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     if not names:
         raise DataError(f"{path}: no labeled text (every label in field {label_field!r} is empty; set --label-field)")
     index = {name: c for c, name in enumerate(names)}
-    return [Review(text, -1 if label in (None, "") else index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
+    return [Review(text, UNLABELED if label in (None, "") else index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
 
 
 def jsonl_rows(path: Path, text_field: str, label_field: str):
@@ -282,7 +287,7 @@ def balanced_subset(reviews: list[Review], limit: int, seed: int = 0, flag: str 
     IMDB (ids 0..n-1 per class), limit 1000 and seed 0 on the test split give subset C.
     Raises DataError (naming `flag`) if limit is not a multiple of C or larger than a class allows.
     """
-    labels = sorted({r.label for r in reviews if r.label >= 0}, reverse=True)
+    labels = sorted({r.label for r in reviews if r.label != UNLABELED}, reverse=True)
     if limit % len(labels):
         raise DataError(f"{flag} {limit}: must be a multiple of the {len(labels)} classes (the same number per class)")
     rng = np.random.default_rng(seed)
@@ -297,13 +302,13 @@ def balanced_subset(reviews: list[Review], limit: int, seed: int = 0, flag: str 
 
 def labeled_limit(train: list[Review], n: int, seed: int = 0) -> tuple[list[Review], list[Review]]:
     """Few labels: keep n labeled texts of `train`, n / C per class (balanced_subset with `seed`),
-    and turn every other labeled text into an unlabeled one (label -1; texts already unlabeled stay
+    and turn every other labeled text into an unlabeled one (label UNLABELED; texts already unlabeled stay
     so). Returns (labeled, unlabeled), the unlabeled in their input order. train.py and baselines.py
     both call it on train_val_split's train part, so for one seed they train on the same n labels.
     Raises DataError (--labeled-limit) as balanced_subset."""
     chosen = balanced_subset(train, n, seed, flag="--labeled-limit")
     keep = {id(r) for r in chosen}
-    return chosen, [r if r.label < 0 else replace(r, label=-1) for r in train if id(r) not in keep]
+    return chosen, [r if r.label == UNLABELED else replace(r, label=UNLABELED) for r in train if id(r) not in keep]
 
 
 # ---- tokens -----------------------------------------------------------------------------------

@@ -150,7 +150,10 @@ def masked_log_probs(logits: torch.Tensor, mask_index: int) -> torch.Tensor:
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_index: int) -> torch.Tensor:
-    """SUBS parameterisation (§3.2.1, Eq. 8): log p_theta(x0 | x_t) at every position.
+    """SUBS parameterisation (§3.2.1, Eq. 8): log p_theta(x0 | x_t) at every position, as the
+    reference computes it (the parity test compares the two). Training and scoring apply the same
+    SUBS without the carry-over positions: only masked positions are scored (nelbo's output_mask),
+    and model.FinalLayer.target_log_prob is masked_log_probs gathered at the targets.
 
     logits: float [..., V]; xt: long [...]. Masked positions: masked_log_probs. Unmasked positions
     ("carry-over unmasking"): a point mass on the observed token (log prob 0, every other entry

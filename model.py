@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffusion import NEG_INFINITY
+
 try:  # optional: the variable-length flash-attention kernel (needs CUDA to build)
     from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func
 except ImportError:
@@ -239,18 +241,20 @@ class FinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
     def forward(self, x, c):
-        """Logits [..., vocab_size]; the adaptive head's are its log-probabilities, -1e6 for the mask token."""
+        """Logits [..., vocab_size]; the adaptive head's are its log-probabilities, NEG_INFINITY for the mask token."""
         h = self.features(x, c)
         if not hasattr(self, "adaptive"):
             return self.linear(h)
         with torch.autocast(h.device.type, enabled=False):  # fp32: its clusters' log-softmaxes are combined in place
             log_p = self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float())[:, self.token_rank]  # rank order -> id order
-        log_p = torch.cat([log_p, log_p.new_full((len(log_p), 1), -1e6)], -1)  # diffusion.NEG_INFINITY
+        log_p = torch.cat([log_p, log_p.new_full((len(log_p), 1), NEG_INFINITY)], -1)
         return log_p.view(*h.shape[:-1], self.vocab_size)
 
     def target_log_prob(self, x, c, targets):
-        """log p(targets) with the mask token excluded from the normaliser: x [N, D], c [N, cond_dim],
-        targets long [N] real token ids -> float32 [N] (nats, <= 0)."""
+        """SUBS at masked positions (diffusion.masked_log_probs, gathered at the targets; the only path
+        that trains and scores): log p(targets) with the mask token excluded from the normaliser, computed
+        over the real tokens' columns alone. x [N, D], c [N, cond_dim], targets long [N] real token ids
+        -> float32 [N] (nats, <= 0). tests/test_head.py checks it equals masked_log_probs of the logits."""
         h = self.features(x, c)
         if hasattr(self, "adaptive"):
             with torch.autocast(h.device.type, enabled=False):

@@ -183,10 +183,13 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("disc_weight", "consistency_weight", "atat_estimator_weight"):
         if not getattr(cfg, name) >= 0:
             raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
-    if cfg.cls != "all" and (cfg.labeled_limit or cfg.unlabeled):
-        raise ConfigError("labeled_limit" if cfg.labeled_limit else "unlabeled", "applies to --class all (one joint model "
-                          "over (label, text)); " + ("--class none trains on every text, unlabeled ones included"
-                                                      if cfg.cls == BASE else "a class model trains on its own class's labeled texts"))
+    if cfg.cls == BASE and cfg.labeled_limit:
+        raise ConfigError("labeled_limit", "applies to --class all or a class model; --class none trains on every text, "
+                          "labels unread")
+    if cfg.cls != "all" and cfg.unlabeled:
+        raise ConfigError("unlabeled", "applies to --class all (one joint model over (label, text)); " + (
+            "--class none trains on every text, unlabeled ones included" if cfg.cls == BASE
+            else "a class model trains on its own class's labeled texts"))
     unlabeled = cfg.labeled_limit is not None if cfg.unlabeled is None else cfg.unlabeled
     if cfg.consistency_weight and not unlabeled:
         raise ConfigError("consistency_weight", "reads the unlabeled texts; pass --unlabeled (the default with --labeled-limit)")
@@ -253,8 +256,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} "
                    f"small from scratch, {CPU_RECIPE['lr']} tiny, from scratch or from a tiny checkpoint)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
-                   help="--class all, few labels: keep N labeled train texts (N / C per class, drawn with --seed: "
-                        "data.labeled_limit) and train on every other train text as an unlabeled one")
+                   help="few labels: keep N labeled train texts (N / C per class, drawn with --seed: data.labeled_limit); "
+                        "--class all trains on every other train text as an unlabeled one, a class model on its N / C")
     p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction,
                    help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, "
                         "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
@@ -332,17 +335,19 @@ def class_index(name: str, classes: list[str]) -> int | None:
 def training_texts(args, reviews: list[data.Review], cls: int | None,
                    unsup: list[data.Review] | None = None) -> tuple[list[data.Review], list[data.Review]]:
     """(train, val) from the train split's labeled texts: val is 5 % of each class (data.train_val_split,
-    seed 0: the same held-out set for every run); train is the rest, of class cls only (a class model),
+    seed 0: the same held-out set for every run); train is the rest, of class cls only (a class model:
+    with --labeled-limit N, its share of the N labels a joint model gets with that --seed),
     or (cls None) its --labeled-limit labeled texts (data.labeled_limit with --seed), then, with
-    --unlabeled, the texts whose labels that drops and the unlabeled texts (label -1): `unsup`, or
+    --unlabeled, the texts whose labels that drops and the unlabeled texts (data.UNLABELED): `unsup`, or
     (None) the data's unlabeled rows (data.load_dataset's 'unsup' split). --class none (a base): every
-    train text with its label dropped (-1), then the unlabeled texts; never a val or test text."""
+    train text with its label dropped, then the unlabeled texts; never a val or test text."""
     train, val = data.train_val_split(reviews)
-    if cls is not None:
+    if cls is not None:  # with --labeled-limit N: its N / C texts of the class (the joint model's N labels, same seed)
+        train = data.labeled_limit(train, args.labeled_limit, args.seed)[0] if args.labeled_limit else train
         return [r for r in train if r.label == cls], val
     dropped = []
     if args.cls == BASE:  # every label dropped: the whole train part joins the unlabeled pool
-        train, dropped = [], [dataclasses.replace(r, label=-1) for r in train]
+        train, dropped = [], [dataclasses.replace(r, label=data.UNLABELED) for r in train]
     elif args.labeled_limit:
         train, dropped = data.labeled_limit(train, args.labeled_limit, args.seed)
     if args.unlabeled or args.cls == BASE:
@@ -614,7 +619,7 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
     if args.cls != "all":  # nor do the joint model's a class model
-        unknown += ["disc_weight", "consistency_weight", "unlabeled", "labeled_limit"]
+        unknown += ["disc_weight", "consistency_weight", "unlabeled"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -745,7 +750,7 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
         cfg = atat.EstimatorConfig(model.config.vocab_size, args.atat_width, args.atat_layers, ATAT_HEADS, max_len)
         estimator = atat.ImportanceEstimator(cfg).to(device).train()
     # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
-    text_labels = torch.tensor([n_classes if r.label < 0 else r.label for r in train])
+    text_labels = torch.tensor([n_classes if r.label == data.UNLABELED else r.label for r in train])
     val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]]
     val_tokens, val_labels = data.encode([v.text for v in val_set]), np.array([v.label for v in val_set])
     if not val_tokens:
@@ -755,11 +760,11 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}] + \
         ([] if estimator is None else [{"params": list(estimator.parameters()), "lr_scale": ATAT_ESTIMATOR_LR / args.lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    counts = np.bincount([r.label for r in train if r.label >= 0], minlength=len(classes))
+    counts = np.bincount([r.label for r in train if r.label != data.UNLABELED], minlength=len(classes))
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
     unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
-            "n_labeled": int(counts.sum()), "n_unlabeled": sum(r.label < 0 for r in train),
+            "n_labeled": int(counts.sum()), "n_unlabeled": sum(r.label == data.UNLABELED for r in train),
             "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once

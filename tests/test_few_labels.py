@@ -50,6 +50,17 @@ def test_labeled_limit_keeps_n_over_c_per_class_and_turns_the_rest_unlabeled(imd
     assert sorted(map(key, only)) == sorted(map(key, labeled))
 
 
+def test_a_class_model_with_few_labels_trains_on_its_share_of_the_joint_models_labels(imdb_tree):
+    reviews = data.load_imdb("train", str(imdb_tree))
+    for seed in (0, 1):
+        joint = [r for r in train.training_texts(args_for(imdb_tree, 6, seed), reviews, None)[0] if r.label >= 0]
+        for c in (0, 1):
+            ours = train.training_texts(args_for(imdb_tree, 6, seed, unlabeled=False, cls=str(c)), reviews, c)[0]
+            assert sorted(map(key, ours)) == sorted(key(r) for r in joint if r.label == c) and len(ours) == 3
+    everything = train.training_texts(args_for(imdb_tree, None, unlabeled=False, cls="0"), reviews, 0)[0]
+    assert len(everything) > 3  # no limit: every class-0 train text
+
+
 def test_baselines_train_on_exactly_train_pys_labeled_texts(imdb_tree):
     reviews = data.load_imdb("train", str(imdb_tree))
     picks = []
@@ -66,8 +77,8 @@ def test_labeled_limit_errors_name_the_flag(imdb_tree):
     reviews = data.load_imdb("train", str(imdb_tree))
     with pytest.raises(data.DataError, match="--labeled-limit 5: must be a multiple of the 2 classes"):
         train.training_texts(args_for(imdb_tree, 5), reviews, None)
-    result = run_script("train.py", "--class", "0", "--labeled-limit", "4", "--out", "x")
-    assert result.returncode == 2 and "--labeled-limit: applies to --class all" in result.stderr
+    result = run_script("train.py", "--class", "0", "--unlabeled", "--out", "x")
+    assert result.returncode == 2 and "--unlabeled: applies to --class all" in result.stderr
 
 
 def test_every_micro_batch_holds_half_labels_however_few():
