@@ -492,17 +492,18 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
 
 
 def trained_on(paths: list[str]) -> dict:
-    """{"n_labeled", "n_unlabeled", "labeled_limit", "unlabeled"}: the training texts of the
-    checkpoints, summed over per-class models, and whether unlabeled texts were trained on
-    (config.json; a --labeled-limit checkpoint written before the counts were recorded: its limit,
-    n_unlabeled None; None where unknown)."""
+    """{"n_labeled", "n_unlabeled", "labeled_limit", "unlabeled", "init"}: the training texts of the
+    checkpoints, summed over per-class models, whether unlabeled texts were trained on, and the
+    starting weights (train.py --init: scratch, hf, or a folder such as a base) (config.json; a
+    --labeled-limit checkpoint written before the counts were recorded: its limit, n_unlabeled
+    None; None where unknown)."""
     metas = [read_config(Path(p))[1] for p in paths]
     limit = metas[0].get("train_args", {}).get("labeled_limit")
     counts = [m.get("n_labeled", limit) for m in metas]
     unlabeled = [m.get("n_unlabeled") for m in metas]
     return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit,
             "unlabeled": metas[0].get("train_args", {}).get("unlabeled"),
-            "n_unlabeled": None if None in unlabeled else sum(unlabeled)}
+            "n_unlabeled": None if None in unlabeled else sum(unlabeled), "init": metas[0].get("train_args", {}).get("init")}
 
 
 def read_texts(path: str, text_field: str = "text") -> tuple[list[str], list]:

@@ -145,7 +145,8 @@ def reliability(probs: np.ndarray, labels: np.ndarray) -> dict:
 
 def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dict:
     """Series name -> sorted [(labels, accuracy, 95% low, 95% high)]: classify.py JSONs with a
-    known n_labeled (our model; ", no unlabeled texts" when n_unlabeled is 0), and each model of the
+    known n_labeled (our model; ", no unlabeled texts" when n_unlabeled is 0; ", from a base" when
+    its --init was a checkpoint folder), and each model of the
     baselines.py JSONs (the mean accuracy over the JSONs of one size, the Wilson interval of that
     mean over one test set)."""
     from calibration import wilson_interval
@@ -156,6 +157,8 @@ def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dic
         kind = "MDLM, label token" if len(doc.get("checkpoints", [])) <= 1 else "MDLMs, one per class"
         unlabeled = doc.get("unlabeled", bool(doc.get("n_unlabeled")) if doc.get("n_unlabeled") is not None else None)
         name = kind + {True: " + unlabeled texts", False: ", no unlabeled texts", None: ""}[unlabeled]
+        if doc.get("init") not in (None, "scratch", "hf", "auto"):  # fine-tuned from a local checkpoint: a base
+            name = kind + ", from a base of p(text)" + {True: " + unlabeled texts", False: "", None: ""}[unlabeled]
         series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
     runs = {}
     for doc in baseline_docs:

@@ -211,16 +211,19 @@ def test_learning_curve_points_and_figure(tmp_path, plt):
     ours = [{"texts": [], "n_labeled": 500, "n_unlabeled": 74000, "accuracy": 0.8, "accuracy_ci95": [0.77, 0.82]},
             {"texts": [], "n_labeled": 100, "n_unlabeled": 74000, "accuracy": 0.7, "accuracy_ci95": [0.67, 0.73]},
             {"texts": [], "n_labeled": 500, "n_unlabeled": 0, "accuracy": 0.75, "accuracy_ci95": [0.72, 0.78]},
-            {"texts": [], "n_labeled": None, "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]}]  # labels unknown: left out
+            {"texts": [], "n_labeled": None, "accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]},  # labels unknown: left out
+            {"texts": [], "n_labeled": 500, "n_unlabeled": 0, "accuracy": 0.76, "accuracy_ci95": [0.73, 0.79],
+             "checkpoints": ["neg", "pos"], "init": "ckpt/base"}]  # per-class models fine-tuned from a base
     base = [baseline_doc(100, 0, 0.70), baseline_doc(100, 1, 0.74), baseline_doc(500, 0, 0.82)]
     series = plot.learning_points(ours, base)
     assert series["MDLM, label token + unlabeled texts"] == [(100, 0.7, 0.67, 0.73), (500, 0.8, 0.77, 0.82)]  # sorted by labels
     assert series["MDLM, label token, no unlabeled texts"] == [(500, 0.75, 0.72, 0.78)]
+    assert series["MDLMs, one per class, from a base of p(text)"] == [(500, 0.76, 0.73, 0.79)]
     (n, acc, low, high), second = series["NB-LR"]
     assert (n, acc) == (100, pytest.approx(0.72)) and low < 0.72 < high and second[:2] == (500, 0.82)  # seeds averaged
     fig = plot.learning_figure(plt, series)
     ax = fig.axes[0]
-    assert ax.get_xscale() == "log" and len(ax.get_legend().get_texts()) == 3
+    assert ax.get_xscale() == "log" and len(ax.get_legend().get_texts()) == 4
     for path, doc in (("ours.json", ours[0]), ("ours2.json", ours[1]), ("base.json", base[0])):
         (tmp_path / path).write_text(json.dumps(doc))
     result = run_script("plot.py", tmp_path / "ours.json", tmp_path / "ours2.json", tmp_path / "base.json", "--out", tmp_path / "png",
