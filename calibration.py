@@ -5,12 +5,21 @@ give p(c | x) = softmax_c(s_c) if the NELBOs were exact log-likelihoods; they ar
 over hundreds of tokens, so softmax(s) is nearly always 0 or 1. Temperature scaling (Guo et al.
 2017, "On Calibration of Modern Neural Networks", §4.2) divides the scores by one T > 0, fitted on
 held-out labeled texts by minimising the negative log-likelihood; the argmax, and so the
-accuracy, does not change.
+accuracy, does not change. Also the AUROC and Wilson interval the reports use, and the fits'
+file, calibration.json in every checkpoint folder (one fit per scoring key, keyed to the weights).
 """
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from convert_hf import WEIGHTS, CheckpointError, atomic_write
+from scoring import most_draws
+
 ECE_BINS = 15  # Guo et al. 2017 use 15 equal-width confidence bins
+FILE = "calibration.json"  # the fitted temperatures, beside config.json (classify.py --calibrate)
 
 
 def softmax(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -95,3 +104,66 @@ def auroc(inside: np.ndarray, other: np.ndarray) -> float:
     ranks = (np.cumsum(counts) - (counts - 1) / 2)[where]  # 1-based ranks, a tie sharing its mean rank
     u = ranks[len(inside):].sum() - len(other) * (len(other) + 1) / 2
     return float(u / (len(inside) * len(other)))
+
+
+# ---- calibration.json: the fits of a checkpoint, one per scoring key --------------------------
+def scoring_key(readout: str, estimator: str) -> str:
+    """What a calibration.json's temperature was fitted on: "posterior", or the NELBO estimator's name."""
+    return "posterior" if readout == "posterior" else estimator
+
+
+def calibration_key(paths: list[str]) -> list[str]:
+    """What a calibration.json was fitted for: the SHA-256 of each checkpoint's model.safetensors, in
+    class order. The weights, not the folder: a folder copied, moved or mounted elsewhere keeps its fit,
+    and retrained weights in the same folder lose it."""
+    key = []
+    for p in paths:
+        with open(Path(p, WEIGHTS), "rb") as f:
+            key.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return key
+
+
+def read_calibrations(path: Path) -> dict:
+    """scoring key -> fitted record of a calibration.json ({} when there is none); a file of one
+    record (written before fits were keyed) counts as the fit of its "estimator". Raises
+    CheckpointError for a file that is not JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a calibration file ({e}); rerun classify.py --calibrate") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a calibration file (expected a JSON object); rerun classify.py --calibrate")
+    return {saved.get("estimator"): saved} if "temperature" in saved else saved
+
+
+def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
+    """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate), which
+    holds one fit per scoring key (scoring_key: "posterior", or the NELBO estimator's name);
+    T = 1 (uncalibrated) when there is none for `estimator` (that key), or it was fitted for other
+    checkpoints (the spread of the scores, and so T, depends on the readout and on the noise of
+    the estimate). Another K is allowed and noted. Raises CheckpointError for an unreadable file."""
+    path = Path(paths[0], FILE)
+    fits = read_calibrations(path)
+    if estimator not in fits:
+        have = f" (it has {', '.join(fits)})" if fits else ""
+        return 1.0, f"uncalibrated (no {estimator} fit in {path}{have}; run classify.py --calibrate)"
+    saved = fits[estimator]
+    try:
+        temperature, fitted_for = float(saved["temperature"]), saved["checkpoints"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
+    if fitted_for != calibration_key(paths) or not temperature > 0:
+        return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
+    same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
+    note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
+    return temperature, f"T = {temperature:.4g} from {path}{note}"
+
+
+def write_fit(paths: list[str], record: dict) -> None:
+    """Add `record` (a fit: its "estimator" is the scoring key) to calibration.json in every
+    checkpoint folder, beside the fits of the other keys; each file written whole or not at all."""
+    for p in paths:
+        fits = {**read_calibrations(Path(p, FILE)), record["estimator"]: record}
+        atomic_write(Path(p, FILE), lambda f: f.write_text(json.dumps(fits, indent=1) + "\n"))

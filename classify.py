@@ -39,7 +39,6 @@ with its paired standard error over the draws. Ctrl-C writes the rows scored so 
 "partial": true, and exits with status 130.
 """
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -54,13 +53,12 @@ import calibration
 from cli import ArgumentParser, add_scoring_args, fail, init_distributed, preflight, run_cli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
-from convert_hf import WEIGHTS, CheckpointError, atomic_write, load_hf, read_config
+from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 from scoring import (ESTIMATORS, ScoringError, draws_taken, most_draws, paired_margin, score_draws, score_posterior,
                      score_sequential)
 import train
 
-CALIBRATION = "calibration.json"  # the fitted temperature, beside config.json
 CALIBRATION_TEXTS = 200  # --calibrate's default for the NELBO readout (IMDB, 2 class models, CPU: about a minute)
 # the novelty score's draws per text: its noise is what blurs in-domain against other (IMDB subset C vs the
 # 7,600 AG News texts: AUROC 0.9375 at 8 draws, 0.9831 at 32; docs/few_labels.md)
@@ -69,11 +67,6 @@ SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C 
 
 
 READOUTS = ("posterior", "nelbo")  # the one-pass label-slot posterior (joint checkpoints), Bayes rule over class NELBOs
-
-
-def scoring_key(readout: str, estimator: str) -> str:
-    """What a calibration.json's temperature was fitted on: "posterior", or the NELBO estimator's name."""
-    return "posterior" if readout == "posterior" else estimator
 
 
 def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -123,55 +116,6 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
             raise CheckpointError(f"{p}: trained for class {raw['class_index']}, but passed as class {c}")
         names.append(raw.get("class_name", str(c)))
     return [set_runtime(load_hf(p).to(device), precision, inference=True) for p in paths], names, None
-
-
-def calibration_key(paths: list[str]) -> list[str]:
-    """What a calibration.json was fitted for: the SHA-256 of each checkpoint's model.safetensors, in
-    class order. The weights, not the folder: a folder copied, moved or mounted elsewhere keeps its fit,
-    and retrained weights in the same folder lose it."""
-    key = []
-    for p in paths:
-        with open(Path(p, WEIGHTS), "rb") as f:
-            key.append(hashlib.file_digest(f, "sha256").hexdigest())
-    return key
-
-
-def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
-    """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate), which
-    holds one fit per scoring key (scoring_key: "posterior", or the NELBO estimator's name);
-    T = 1 (uncalibrated) when there is none for `estimator` (that key), or it was fitted for other
-    checkpoints (the spread of the scores, and so T, depends on the readout and on the noise of
-    the estimate). Another K is allowed and noted. Raises CheckpointError for an unreadable file."""
-    path = Path(paths[0], CALIBRATION)
-    fits = read_calibrations(path)
-    if estimator not in fits:
-        have = f" (it has {', '.join(fits)})" if fits else ""
-        return 1.0, f"uncalibrated (no {estimator} fit in {path}{have}; run classify.py --calibrate)"
-    saved = fits[estimator]
-    try:
-        temperature, fitted_for = float(saved["temperature"]), saved["checkpoints"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
-    if fitted_for != calibration_key(paths) or not temperature > 0:
-        return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
-    same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
-    note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
-    return temperature, f"T = {temperature:.4g} from {path}{note}"
-
-
-def read_calibrations(path: Path) -> dict:
-    """scoring key -> fitted record of a calibration.json ({} when there is none); a file of one
-    record (written before fits were keyed) counts as the fit of its "estimator". Raises
-    CheckpointError for a file that is not JSON."""
-    if not path.is_file():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not a calibration file ({e}); rerun classify.py --calibrate") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: not a calibration file (expected a JSON object); rerun classify.py --calibrate")
-    return {saved.get("estimator"): saved} if "temperature" in saved else saved
 
 
 def check_texts(texts) -> list[str]:
@@ -271,7 +215,7 @@ class DiffusionClassifier:
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        temperature, source = read_temperature(paths, scoring_key(readout, estimator), mc_samples, max_draws)
+        temperature, source = calibration.read_temperature(paths, calibration.scoring_key(readout, estimator), mc_samples, max_draws)
         clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z,
                   readout, log_prior)
         clf.temperature_source, clf.checkpoint_ = source, paths
@@ -342,8 +286,8 @@ class DiffusionClassifier:
             return target
         for name in ("config.json", "model.safetensors"):
             shutil.copy2(source / name, target / name)
-        if (source / CALIBRATION).is_file():  # keyed by the weights (calibration_key): valid in the copy as it is
-            shutil.copy2(source / CALIBRATION, target / CALIBRATION)
+        if (source / calibration.FILE).is_file():  # keyed by the weights (calibration_key): valid in the copy as it is
+            shutil.copy2(source / calibration.FILE, target / calibration.FILE)
         return target
 
     def nelbo(self, texts: list[str]) -> np.ndarray:
@@ -480,15 +424,13 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     except ValueError as e:
         raise data.DataError(f"--calibrate: {e}") from None
     before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
-    record = {"temperature": temperature, "checkpoints": calibration_key(paths), "n_texts": len(val),
-              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": scoring_key(clf.readout, clf.estimator),
+    record = {"temperature": temperature, "checkpoints": calibration.calibration_key(paths), "n_texts": len(val),
+              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": calibration.scoring_key(clf.readout, clf.estimator),
               "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
-    for p in paths:  # beside the fits of the other readouts / estimators
-        fits = {**read_calibrations(Path(p, CALIBRATION)), record["estimator"]: record}
-        atomic_write(Path(p, CALIBRATION), lambda f: f.write_text(json.dumps(fits, indent=1) + "\n"))
+    calibration.write_fit(paths, record)
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
           f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
-          f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {CALIBRATION} in {', '.join(paths)}")
+          f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {calibration.FILE} in {', '.join(paths)}")
 
 
 def trained_on(paths: list[str]) -> dict:

@@ -660,23 +660,6 @@ def cut_log(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(records)))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    stop = []  # the signal that asked us to stop; acted on at the end of a step
-    def on_signal(signum, frame):
-        if stop:  # a second Ctrl-C: leave now
-            raise KeyboardInterrupt
-        stop.append(signum)
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run_cli(lambda a: train(a, stop), args, (CheckpointError, data.DataError),
-                "--batch-size (a larger --grad-accum keeps the global batch)",
-                f"interrupted twice: exited without saving; the last checkpoint in {args.out} is intact")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
 @dataclasses.dataclass
 class Run:
     """What a training run holds between its steps (set_up makes it). tokens: the training texts'
@@ -970,6 +953,23 @@ def train(args, stop: list, texts: tuple[list, list, list] | None = None) -> Run
     if log:
         log.close()
     return run
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = []  # the signal that asked us to stop; acted on at the end of a step
+    def on_signal(signum, frame):
+        if stop:  # a second Ctrl-C: leave now
+            raise KeyboardInterrupt
+        stop.append(signum)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_cli(lambda a: train(a, stop), args, (CheckpointError, data.DataError),
+                "--batch-size (a larger --grad-accum keeps the global batch)",
+                f"interrupted twice: exited without saving; the last checkpoint in {args.out} is intact")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":
