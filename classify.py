@@ -91,7 +91,8 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
     data.check_vocab(cfg0.vocab_size, paths[0])
     if len(paths) == 1:
         if not cfg0.n_classes:
-            raise CheckpointError(f"{paths[0]}: an unconditional model; give one checkpoint per class, or one "
+            base = " (a base of p(text): fine-tune it with train.py --class all --init DIR)" if raw0.get("class_name") == train.BASE else ""
+            raise CheckpointError(f"{paths[0]}: an unconditional model{base}; give one checkpoint per class, or one "
                                   "joint checkpoint over (label, text) (train.py --class all)")
         names = raw0.get("classes") or [str(c) for c in range(cfg0.n_classes)]
         if len(names) != cfg0.n_classes:
@@ -112,6 +113,9 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
                               f"but {len(paths)} checkpoints were given (one per class, in class order)")
     names = []
     for c, (p, (_, raw)) in enumerate(zip(paths, configs)):
+        if raw.get("class_name") == train.BASE:
+            raise CheckpointError(f"{p}: a base of p(text) (train.py --class none) holds no class; fine-tune it: "
+                                  f"train.py --class {c} --init {p} (one per class), or --class all --init {p}")
         if raw.get("class_index", c) != c:
             raise CheckpointError(f"{p}: trained for class {raw['class_index']}, but passed as class {c}")
         names.append(raw.get("class_name", str(c)))

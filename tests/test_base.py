@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+import classify
 import data
 import train
-from convert_hf import load_hf
+from convert_hf import CheckpointError, load_hf
 from test_few_labels import args_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
@@ -21,7 +22,7 @@ def test_the_base_reads_every_train_and_unlabeled_text_and_no_label(imdb_tree):
     part, held_out = data.train_val_split(reviews)
     unsup = data.load_imdb("unsup", str(imdb_tree))
     assert sorted(r.text for r in texts) == sorted(r.text for r in part + unsup)  # the train part and the unsup split
-    assert all(r.label == -1 for r in texts)  # no label reaches the model
+    assert all(r.label == data.UNLABELED for r in texts)  # no label reaches the model
     assert {r.text for r in val} == {r.text for r in held_out}  # validation: the joint model's own held-out texts
     test = {r.text for r in data.load_imdb("test", str(imdb_tree))}
     assert not test & {r.text for r in texts + val}
@@ -34,6 +35,11 @@ def test_a_base_fine_tunes_into_a_joint_model_with_its_text_tensors_intact(imdb_
     assert config["n_classes"] == 0 and config["class_name"] == "none" and config["n_labeled"] == 0
     assert config["n_unlabeled"] == 22 + 3  # the train part (12 a class, 1 each held out) and the unsup split
     loaded = load_hf(str(base)).state_dict()
+    # classify.py names the base for what it is, and the command that makes a classifier of it
+    for paths, said in (([base, base], r"a base of p\(text\) \(train.py --class none\) holds no class; fine-tune it"),
+                        ([base], r"a base of p\(text\): fine-tune it with train.py --class all --init DIR")):
+        with pytest.raises(CheckpointError, match=said):
+            classify.load_class_models([str(p) for p in paths], "cpu")
 
     def starts(*extra):  # the weights a fine-tune starts from, and what it says of them
         args = train.parse_args(["--class", "all", "--data", str(imdb_tree), "--init", str(base), "--out", str(tmp_path / "x"), *extra])
