@@ -244,11 +244,9 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     passes train_weight(t)).
 
     readout: bool [B] or None, the rows (R of them) whose clean text is also read under a masked slot
-    (label_posterior), for train.step_backward's label terms. Their clean copies ride along as R more
+    (label_posterior), for train.step_backward's label term. Their clean copies ride along as R more
     rows, so the model is called once (as DDP needs). Then returns (the float32 [B] above, float32
-    [R, C] log p_theta(c | x0) of the readout rows in batch order, float32 [B, C] the slot's
-    distribution as fed: log p_theta(c | x_t) where the slot is masked, as it always is for an
-    unlabeled text).
+    [R, C] log p_theta(c | x0) of the readout rows in batch order).
     """
     C = model.config.n_classes
     scored = slot_masked & (labels < C)
@@ -269,21 +267,7 @@ def joint_nelbo(model, x0: torch.Tensor, t: torch.Tensor, masked: torch.Tensor, 
     B = len(x0)
     slot_nll = -label_log_p[:B].gather(1, labels.clamp(max=C - 1)[:, None])[:, 0]
     total = weighted_sum(nll, masked, weight[:, None]) + torch.where(scored, weight * slot_nll, 0.0)
-    return total if readout is None else (total, label_log_p[B:], label_log_p[:B])
-
-
-def label_consistency(clean_log_p: torch.Tensor, noised_log_p: torch.Tensor) -> torch.Tensor:
-    """KL(p_theta(. | x0) || p_theta(. | x_t)) per text, in nats: float [n] from two float [n, C] log
-    posteriors (joint_nelbo's readout of the clean text and its slot under the noised one).
-
-    The clean side is a fixed target (detached): the consistency loss of UDA (Xie et al. 2019,
-    "Unsupervised data augmentation for consistency training", §2.2) with the forward process as
-    the augmentation. It needs no label, and its minimiser over p_theta(. | x_t) is E[p(. | x0) | x_t],
-    the identity p(y | x_t) = E_{x0 | x_t} p(y | x0) that every joint distribution of (y, x0, x_t)
-    satisfies at every t: a term the generative model's own readouts should meet, not a new
-    assumption. Zero when the readout ignores the noise."""
-    target = clean_log_p.detach()
-    return (target.exp() * (target - noised_log_p)).sum(-1)
+    return total if readout is None else (total, label_log_p[B:])
 
 
 def label_posterior(model, x0: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -100,12 +100,12 @@ BATCHING = "pools"  # how micro-batches are drawn (MicroBatches: labeled and unl
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
 TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "disc_weight", "consistency_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
+              "text_field", "label_field", "disc_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
               "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared; such a
 # state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
 # the autocast dtype used), not as given.
-ADDED_LATER = {"disc_weight": 0.0, "consistency_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
+ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
                "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
 
 
@@ -131,7 +131,6 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     disc_weight: float = 10.0
-    consistency_weight: float = 0.0
     adaptive_head: int | None = None
     grad_accum: int | None = None
     warmup_steps: int | None = None
@@ -180,7 +179,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError("ema_decay", f"must be in [0, 1), got {cfg.ema_decay}")
-    for name in ("disc_weight", "consistency_weight", "atat_estimator_weight"):
+    for name in ("disc_weight", "atat_estimator_weight"):
         if not getattr(cfg, name) >= 0:
             raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.cls == BASE and cfg.labeled_limit:
@@ -191,8 +190,6 @@ def check_config(cfg: TrainConfig) -> None:
             "--class none trains on every text, unlabeled ones included" if cfg.cls == BASE
             else "a class model trains on its own class's labeled texts"))
     unlabeled = cfg.labeled_limit is not None if cfg.unlabeled is None else cfg.unlabeled
-    if cfg.consistency_weight and not unlabeled:
-        raise ConfigError("consistency_weight", "reads the unlabeled texts; pass --unlabeled (the default with --labeled-limit)")
     if unlabeled and cfg.batch_size < 2:
         raise ConfigError("batch_size", "1, but labeled and unlabeled texts share every micro-batch half and half "
                           "(--unlabeled); pass 2 or more")
@@ -273,9 +270,6 @@ def parse_args(argv=None) -> TrainConfig:
     a.add_argument("--disc-weight", type=float, default=DEFAULTS.disc_weight, metavar="λ",
                    help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
                         "to the NELBO (0: purely generative)")
-    a.add_argument("--consistency-weight", type=float, default=DEFAULTS.consistency_weight, metavar="μ",
-                   help="--class all with --unlabeled: weight of KL(p(y | x) || p(y | x_t)) on the unlabeled texts, the "
-                        "readout under the forward process's noise against the clean text's (consistency training; 0: off)")
     a.add_argument("--adaptive-head", type=int, metavar="S",
                    help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
                         "0 = a full linear head (default: the preset's)")
@@ -421,42 +415,22 @@ class AtatStep:
     weight: float
 
 
-@dataclasses.dataclass
-class LabelTerms:
-    """What a joint model's step adds to the denoising loss (step_backward has the formula): the
-    weights λ (--disc-weight) and μ (--consistency-weight), and the step's labeled and unlabeled
-    texts over all its micro-batches and processes (each term is a mean over the whole step)."""
-    disc_weight: float = 0.0
-    consistency_weight: float = 0.0
-    step_labeled: int = 0
-    step_unlabeled: int = 0
-
-
-def joint_loss(model, part: MicroBatch, step_tokens: int, terms: LabelTerms) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def joint_loss(model, part: MicroBatch, step_tokens: int, disc_weight: float, step_labeled: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One micro-batch of a joint model: (its denoising nats per step token, the loss to differentiate,
-    {"disc_loss", "consistency_loss": the unweighted label terms, detached}); step_backward has the formula."""
+    {"disc_loss": the unweighted label term, detached} when λ > 0); step_backward has the formula."""
     x0, t, labels = part.x0, part.t, part.labels
     labeled = labels < model.config.n_classes
     masked = diffusion.mask_positions(t, part.attention_mask, u=part.u)
     slot_masked = part.slot_u < diffusion.move_chance(t)
-    # the rows whose clean text is read: the labeled ones for λ, the unlabeled ones for μ
-    readout = (labeled & (terms.disc_weight > 0)) | (~labeled & (terms.consistency_weight > 0))
     out = diffusion.joint_nelbo(model, x0, t, masked, part.attention_mask, labels, slot_masked,
-                                readout=readout if terms.disc_weight > 0 or terms.consistency_weight > 0 else None,
-                                weight=diffusion.train_weight(t))
-    if isinstance(out, torch.Tensor):  # the purely generative step: no clean pass
+                                readout=labeled if disc_weight > 0 else None, weight=diffusion.train_weight(t))
+    if disc_weight == 0:  # the purely generative step: no clean pass
         nats = out.sum() / step_tokens
         return nats, nats, {}
-    out, clean, noised = out
+    out, clean = out
     nats = out.sum() / step_tokens
-    total, extra, read_labeled = nats, {}, labeled[readout]
-    if terms.disc_weight > 0:  # the labeled texts' cross-entropy under the readout
-        disc = -clean[read_labeled].gather(1, labels[labeled][:, None]).sum() / max(terms.step_labeled, 1)
-        total, extra["disc_loss"] = total + terms.disc_weight * disc, disc.detach().double()
-    if terms.consistency_weight > 0:  # the unlabeled texts' readout under noise against their clean readout
-        kl = diffusion.label_consistency(clean[~read_labeled], noised[~labeled]).sum() / max(terms.step_unlabeled, 1)
-        total, extra["consistency_loss"] = total + terms.consistency_weight * kl, kl.detach().double()
-    return nats, total, extra
+    disc = -clean.gather(1, labels[labeled][:, None]).sum() / max(step_labeled, 1)  # the labeled texts' readout
+    return nats, nats + disc_weight * disc, {"disc_loss": disc.detach().double()}
 
 
 def text_loss(model, part: MicroBatch, step_tokens: int, atat_step: AtatStep | None, n_micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -478,7 +452,7 @@ def text_loss(model, part: MicroBatch, step_tokens: int, atat_step: AtatStep | N
 
 
 def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_step: AtatStep | None = None,
-                  terms: LabelTerms = LabelTerms()) -> tuple[torch.Tensor, dict]:
+                  disc_weight: float = 0.0, step_labeled: int = 0) -> tuple[torch.Tensor, dict]:
     """Forward and backward of this process's micro-batches of one optimizer step.
 
     parts: this process's MicroBatches; step_tokens: the real tokens of the whole step, over all
@@ -489,19 +463,15 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
     A model with a label slot (parts carry labels; joint_loss) trains the objective
 
         L = sum_i D(y_i, x_i) / step_tokens  +  λ * sum_{i labeled} -log p_theta(y_i | x_i) / step_labeled
-              +  μ * sum_{i unlabeled} KL(p_theta(. | x_i) || p_theta(. | x_i,t)) / step_unlabeled
 
-    (terms: λ, μ and the step's counts). D, the denoising loss of (label, text)
+    (λ = disc_weight; step_labeled: the step's labeled texts). D, the denoising loss of (label, text)
     (diffusion.joint_nelbo with diffusion.train_weight: the NELBO's terms with the masked tokens
     weighted alike instead of by 1/t; its minimiser is the NELBO's). The second term is the mean
     cross-entropy of the true label under the posterior readout (a masked slot, the text clean:
     exactly what classify.py reads, diffusion.label_posterior). The first term alone is a
     maximum-likelihood fit of the joint p(y, x); the second is the conditional likelihood of the
     labels, the discriminative objective (a hybrid generative-discriminative fit, e.g. Bouchard &
-    Triggs 2004, Lasserre et al. 2006). The third (diffusion.label_consistency) asks the readout of
-    an unlabeled text under the forward process's noise x_t (the same draw as D's) to match its
-    readout of the clean text, held fixed: consistency training with x_t as the augmentation.
-    λ = μ = 0 skips the clean pass entirely (the purely generative step).
+    Triggs 2004, Lasserre et al. 2006). λ = 0 skips the clean pass entirely (the purely generative step).
 
     Without a slot (text_loss) a token is masked where u < move_chance(t) (the plain forward process)
     and weighted by train_weight. With atat_step, the estimator scores x0 and atat.mask_with_scores
@@ -512,8 +482,8 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
 
     Returns (this process's share of the step's first term, nats per text token, its slot terms
     included: validation's val_nats_per_token is the text's NELBO alone, the slot clamped; {name:
-    this process's share of each other term, unweighted}: "disc_loss" (λ > 0), "consistency_loss"
-    (μ > 0), "estimator_loss" (ATAT)), float64 scalar tensors (no host sync).
+    this process's share of each other term, unweighted}: "disc_loss" (λ > 0), "estimator_loss"
+    (ATAT)), float64 scalar tensors (no host sync).
     """
     loss, extra = torch.zeros((), dtype=torch.float64, device=parts[0].x0.device), {}
     for j, part in enumerate(parts):
@@ -522,7 +492,7 @@ def step_backward(model, parts: list, step_tokens: int, world: int = 1, atat_ste
         with nullcontext() if last else model.no_sync(), \
                 nullcontext() if last or atat_step is None else atat_step.estimator.no_sync():
             if part.labels is not None:
-                nats, total, more = joint_loss(model, part, step_tokens, terms)
+                nats, total, more = joint_loss(model, part, step_tokens, disc_weight, step_labeled)
             else:
                 nats, total, more = text_loss(model, part, step_tokens, atat_step, len(parts) * world)
             (total * world).backward()
@@ -619,7 +589,7 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     if args.objective != "atat":  # the estimator's flags do not touch a plain run
         unknown += [k for k in TRAJECTORY if k.startswith("atat_")]
     if args.cls != "all":  # nor do the joint model's a class model
-        unknown += ["disc_weight", "consistency_weight", "unlabeled"]
+        unknown += ["disc_weight", "unlabeled"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in TRAJECTORY
                if k not in unknown and saved.get(k) != getattr(args, k)]
     if (args.lr_schedule == "cosine" or args.objective == "atat") and saved.get("max_steps") != args.max_steps:
@@ -809,8 +779,7 @@ def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
         tilt = atat.curriculum_tilt(step, args.max_steps, tuple(args.atat_phases), args.atat_tilt)
         atat_step = AtatStep(run.est_ddp, tilt, args.atat_estimator_weight)
     n_labeled = int(sum((run.text_labels[idx] < run.n_classes).sum() for idx in plan)) if run.n_classes else 0
-    terms = LabelTerms(args.disc_weight, args.consistency_weight, n_labeled, sum(map(len, plan)) - n_labeled)
-    loss_sum, extra = step_backward(run.ddp, parts, n_tokens, run.world, atat_step, terms)
+    loss_sum, extra = step_backward(run.ddp, parts, n_tokens, run.world, atat_step, args.disc_weight, n_labeled)
     # one all-reduce for what every rank must agree on: the step's losses and whether to stop
     zero = torch.zeros((), dtype=torch.float64, device=device)
     names = sorted(extra)  # the same on every rank: the terms depend on the flags alone

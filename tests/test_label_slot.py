@@ -102,7 +102,7 @@ def test_at_disc_weight_zero_a_step_is_the_generative_step_bit_for_bit():
     labels, slot_masked = torch.tensor([0, 1, C, 1]), torch.tensor([True, False, True, True])
     n_tokens = int(am.sum())
     loss, extra = train.step_backward(model, [micro_batch(x0, am, t, masked, labels, slot_masked)], n_tokens,
-                                      terms=train.LabelTerms(disc_weight=0.0, step_labeled=3))
+                                      disc_weight=0.0, step_labeled=3)
     assert extra == {}
     step = grads(model)
     model.zero_grad()
@@ -112,7 +112,7 @@ def test_at_disc_weight_zero_a_step_is_the_generative_step_bit_for_bit():
     assert torch.equal(step, grads(model))
     model.zero_grad()  # and λ > 0 is another step
     loss_1, extra_1 = train.step_backward(model, [micro_batch(x0, am, t, masked, labels, slot_masked)], n_tokens,
-                                          terms=train.LabelTerms(disc_weight=1.0, step_labeled=3))
+                                          disc_weight=1.0, step_labeled=3)
     assert not torch.allclose(step, grads(model)) and float(extra_1["disc_loss"]) > 0
 
 
@@ -125,7 +125,7 @@ def test_the_discriminative_term_is_the_readouts_cross_entropy_on_the_clean_text
     x0, am, t, masked = draw(2)
     labels, slot_masked = torch.tensor([1, 0, C, 1]), torch.tensor([True, True, False, False])
     loss, extra = train.step_backward(model, [micro_batch(x0, am, t, masked, labels, slot_masked)], int(am.sum()),
-                                      terms=train.LabelTerms(disc_weight=10.0, step_labeled=3))
+                                      disc_weight=10.0, step_labeled=3)
     disc = extra["disc_loss"]
     with torch.no_grad():
         readout = diffusion.label_posterior(model, x0, am)  # the slot masked, the text clean
@@ -180,58 +180,8 @@ def test_the_hybrid_step_does_not_depend_on_how_its_texts_are_split_into_micro_b
     for split in ([[0, 1, 2, 3]], [[0], [1, 2, 3]], [[1], [0, 2, 3]]):  # 1/3, then 0/3 labeled in the first part
         model.zero_grad()
         parts = [micro_batch(x0[r], am[r], t[r], masked[r], labels[r], slot_masked[r]) for r in split]
-        loss, extra = train.step_backward(model, parts, int(am.sum()), terms=train.LabelTerms(disc_weight=10.0, step_labeled=3))
+        loss, extra = train.step_backward(model, parts, int(am.sum()), disc_weight=10.0, step_labeled=3)
         results.append((float(loss), float(extra["disc_loss"]), grads(model)))
     for loss, disc, grad in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-6) and disc == pytest.approx(results[0][1], rel=1e-6)
         torch.testing.assert_close(grad, results[0][2], atol=2e-5, rtol=1e-4)  # float rounding: measured 6e-6
-
-
-class SlotStub(torch.nn.Module):
-    """A joint 'model' whose slot distribution depends on how many tokens of the text it sees: all
-    of them (noise_aware False: the readout ignores the noise) or only the unmasked ones."""
-    def __init__(self, noise_aware: bool):
-        super().__init__()
-        self.config = argparse.Namespace(n_classes=C, model_length=12, time_conditioning=False, vocab_size=MASK + 1)
-        self.w, self.noise_aware = torch.nn.Parameter(torch.tensor(0.3)), noise_aware
-
-    def forward(self, x, sigma, attention_mask=None, output_mask=None, class_labels=None, targets=None, label_out=False):
-        seen = attention_mask & (x != MASK) if self.noise_aware else attention_mask
-        return torch.zeros(int(output_mask.sum())) + 0 * self.w, slot_log_p(self.w, seen.sum(1).float())
-
-
-def slot_log_p(w, n_seen):
-    return torch.log_softmax(torch.stack([w * n_seen, -w * n_seen], 1) / 4, 1)
-
-
-def consistency_step(stub, weight):
-    x0, am, t, masked = draw(4)
-    labels, slot_masked = torch.tensor([0, C, 1, C]), torch.ones(4, dtype=torch.bool)  # rows 1 and 3 unlabeled
-    assert masked.any(1).all()  # every row is noised: the noise-aware readout moves on all of them
-    stub.zero_grad()
-    _, extra = train.step_backward(stub, [micro_batch(x0, am, t, masked, labels, slot_masked)], int(am.sum()),
-                                   terms=train.LabelTerms(consistency_weight=weight, step_unlabeled=2))
-    return extra, stub.w.grad.clone(), (am, masked)
-
-
-def test_the_consistency_term_is_zero_when_the_readout_ignores_the_noise():
-    stub = SlotStub(noise_aware=False)
-    extra, grad, _ = consistency_step(stub, 1.0)
-    assert float(extra["consistency_loss"]) == pytest.approx(0.0, abs=1e-7)
-    _, plain, _ = consistency_step(stub, 0.0)  # and adds nothing to the step's gradient
-    torch.testing.assert_close(grad, plain)
-
-
-def test_the_consistency_term_reads_the_unlabeled_texts_against_their_clean_readout_held_fixed():
-    stub = SlotStub(noise_aware=True)
-    extra, grad, (am, masked) = consistency_step(stub, 1.0)
-    _, plain, _ = consistency_step(stub, 0.0)
-    w = torch.tensor(0.3, requires_grad=True)
-    clean = slot_log_p(w, am.sum(1).float()).detach()  # the target: no gradient through it
-    noised = slot_log_p(w, (am & ~masked).sum(1).float())
-    kl = (clean.exp() * (clean - noised)).sum(1)
-    assert float(kl[[0, 2]].detach().sum()) > 1e-3  # the labeled rows would change it: the term must skip them
-    expected = kl[[1, 3]].sum() / 2  # per unlabeled text of the step
-    assert float(extra["consistency_loss"]) == pytest.approx(float(expected.detach()), rel=1e-5)
-    expected.backward()
-    torch.testing.assert_close(grad - plain, w.grad, rtol=1e-4, atol=1e-6)
