@@ -353,7 +353,7 @@ class DiffusionClassifier:
 
 
 # ---- the command line: its helpers, then parse -> texts -> score -> summarise -> print, run in that order
-def report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
+def accuracy_report(labels: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     """Accuracy with its 95% Wilson score interval (Wilson 1927), confusion matrix (rows = true class,
     columns = predicted) and per-class precision/recall."""
     C = len(names)
@@ -614,7 +614,7 @@ def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: 
     if s.labels is None:
         return {**summary, "input": args.input}
     summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
-    summary.update(report(s.labels, s.pred, names))
+    summary.update(accuracy_report(s.labels, s.pred, names))
     summary["calibration"] = {"uncalibrated": calibration.summary(-s.nelbo, s.labels, 1.0),
                               "calibrated": calibration.summary(-s.nelbo, s.labels, clf.temperature)}
     if clf.readout == "nelbo":  # the evidence behind the confusion matrix

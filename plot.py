@@ -158,7 +158,7 @@ def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dic
         unlabeled = doc.get("unlabeled", bool(doc.get("n_unlabeled")) if doc.get("n_unlabeled") is not None else None)
         name = kind + {True: " + unlabeled texts", False: ", no unlabeled texts", None: ""}[unlabeled]
         if doc.get("init") not in (None, "scratch", "hf", "auto"):  # fine-tuned from a local checkpoint: a base
-            name = kind + ", from a base of p(text)" + {True: " + unlabeled texts", False: "", None: ""}[unlabeled]
+            name = kind + ", from a base of p(text)"  # the base read the unlabeled texts, whatever the fine-tune did
         series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
     runs = {}
     for doc in baseline_docs:

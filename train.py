@@ -127,7 +127,7 @@ class TrainConfig:
     labeled_limit: int | None = None
     unlabeled: bool | None = None
     eval_every: int = 250
-    val_reviews: int = 64
+    val_texts: int = 64
     seed: int = 0
     resume: bool = False
     disc_weight: float = 10.0
@@ -157,7 +157,7 @@ class ConfigError(ValueError):
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse what cannot train, before any data is read. Raises ConfigError naming the field."""
-    positive = ("max_steps", "batch_size", "lr", "labeled_limit", "eval_every", "val_reviews", "grad_accum",
+    positive = ("max_steps", "batch_size", "lr", "labeled_limit", "eval_every", "val_texts", "grad_accum",
                 "atat_width", "atat_layers")
     for name in positive:  # argparse's types check these on the command line; fit's arguments arrive unchecked
         value = getattr(cfg, name)
@@ -261,7 +261,7 @@ def parse_args(argv=None) -> TrainConfig:
                         "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
                         "labeled steps and accuracy, docs/label_token.md)")
     p.add_argument("--eval-every", type=data.positive(), default=DEFAULTS.eval_every, help="validate and checkpoint every N steps")
-    p.add_argument("--val-texts", "--val-reviews", dest="val_reviews", type=data.positive(), default=DEFAULTS.val_reviews,
+    p.add_argument("--val-texts", "--val-reviews", dest="val_texts", type=data.positive(), default=DEFAULTS.val_texts,
                    help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -704,7 +704,7 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
         estimator = atat.ImportanceEstimator(cfg).to(device).train()
     # the class each text trains under: its label, or n_classes ("no class") for an unlabeled text
     text_labels = torch.tensor([n_classes if r.label == data.UNLABELED else r.label for r in train])
-    val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_reviews]]
+    val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_texts]]
     val_tokens, val_labels = data.encode([v.text for v in val_set]), np.array([v.label for v in val_set])
     if not val_tokens:
         raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
@@ -841,7 +841,7 @@ def validate(run: Run) -> dict:
     return {**record, "val_ppl_bound": math.exp(nats), **run.reference}
 
 
-def report(record: dict) -> str:
+def validation_line(record: dict) -> str:
     """The line a validation prints."""
     extra = "".join(f", {k[19:]} {v:.4f}" for k, v in record.items() if k.startswith("val_nats_per_token_"))
     accuracy = (f", val accuracy {record['val_accuracy_posterior']:.4f} posterior / {record['val_accuracy']:.4f} "
@@ -904,7 +904,7 @@ def train(args, stop: list, texts: tuple[list, list, list] | None = None) -> Run
         if checkpoint and not stopping:  # validation can wait; a signal may come with a deadline (SLURM, torchrun)
             record.update(validate(run))
             if log:
-                bar.write(report(record))
+                bar.write(validation_line(record))
         if log:  # log first: a resume cuts the log back to its checkpoint, so no record goes missing
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -104,7 +104,7 @@ def curve(args, clf, tokens, labels, ks, sequential) -> None:
         draws = clf.draws(tokens)
         seconds = time.perf_counter() - start
         pred = np.nanmean(draws, -1).argmin(1)
-        rep = classify.report(labels, pred, clf.classes)
+        rep = classify.accuracy_report(labels, pred, clf.classes)
         name = f"fixed K={k}" if k == max_draws else f"sequential K={k}..{max_draws} z={args.z:g}"
         rows.append({"setting": name, "k": k, "max_draws": max_draws, "mean_draws": float(scoring.draws_taken(draws).mean()),
                      "accuracy": rep["accuracy"], "accuracy_ci95": rep["accuracy_ci95"],

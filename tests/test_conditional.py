@@ -327,10 +327,10 @@ def test_curve_and_sequential_cli(toy_conditional, tmp_path):
 
 def test_accuracy_interval_is_wilsons():
     # all 10 right: the Wilson interval is [n / (n + z^2), 1] (z = 1.96), not the degenerate [1, 1] of p +- z se
-    r = classify.report(np.zeros(10, dtype=int), np.zeros(10, dtype=int), ["a", "b"])
+    r = classify.accuracy_report(np.zeros(10, dtype=int), np.zeros(10, dtype=int), ["a", "b"])
     assert r["accuracy_ci95"] == pytest.approx([10 / (10 + 1.96 ** 2), 1.0])
     # 738 of 1000 (the README's first IMDB run): about +-2.7 points, a little off-centre towards 0.5
-    low, high = classify.report(np.r_[np.zeros(738), np.ones(262)].astype(int), np.zeros(1000, dtype=int), ["a", "b"])["accuracy_ci95"]
+    low, high = classify.accuracy_report(np.r_[np.zeros(738), np.ones(262)].astype(int), np.zeros(1000, dtype=int), ["a", "b"])["accuracy_ci95"]
     assert 0.709 < low < 0.711 and 0.764 < high < 0.765
 
 
@@ -359,7 +359,7 @@ def test_a_time_conditioned_checkpoint_asks_for_the_time_estimator(tmp_path):
 
 def test_the_confusion_matrix_has_true_classes_as_rows():
     # 3 texts of class a (1 right, 2 called b) and 1 of class b (right): row a = [1, 2], row b = [0, 1]
-    r = classify.report(np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
+    r = classify.accuracy_report(np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1]), ["a", "b"])
     assert r["confusion_matrix"] == [[1, 2], [0, 1]]
     assert r["per_class"]["a"]["recall"] == pytest.approx(1 / 3) and r["per_class"]["b"]["precision"] == pytest.approx(1 / 3)
 
