@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cli import ArgumentParser
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, max_adaptive_head
 
 DEFAULT_REPO = "kuleshov-group/mdlm-owt-noeos"  # the bd3lms README spells it mdlm-noeos-owt
 PREFIX = "backbone."
@@ -62,7 +62,7 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
     cfg = DiTConfig(**fields)
     if cfg.hidden_dim % cfg.n_heads or cfg.hidden_dim // cfg.n_heads % 2:
         raise CheckpointError(f"{path}: hidden_dim {cfg.hidden_dim} should split into n_heads {cfg.n_heads} heads of even size (rotary)")
-    if cfg.adaptive_head and not 4 * cfg.adaptive_head < cfg.vocab_size - 1:
+    if cfg.adaptive_head and not cfg.adaptive_head <= max_adaptive_head(cfg.vocab_size):
         raise CheckpointError(f"{path}: field 'adaptive_head' {cfg.adaptive_head}: 4 x it must be below the {cfg.vocab_size - 1} real tokens")
     if not 0 <= cfg.dropout < 1:
         raise CheckpointError(f"{path}: field 'dropout' should be in [0, 1), got {cfg.dropout}")

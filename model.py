@@ -201,6 +201,12 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * F.dropout(h, self.dropout, self.training)
 
 
+def max_adaptive_head(vocab_size: int) -> int:
+    """The largest adaptive head S for a vocabulary: its clusters end at rank 4 S, which must stay
+    below the vocab_size - 1 real tokens (the mask token has no entry)."""
+    return (vocab_size - 2) // 4
+
+
 def adaptive_cutoffs(cfg: DiTConfig) -> list[int]:
     """Cluster boundaries of the adaptive head, in frequency ranks: [S, 4S] (head: the S most
     frequent tokens; tail 1: ranks S..4S-1 at width hidden/4; tail 2: the rest at width hidden/16)."""
@@ -227,7 +233,7 @@ class FinalLayer(nn.Module):
         self.vocab_size = cfg.vocab_size
         if cfg.adaptive_head:
             real = cfg.vocab_size - 1
-            if not 0 < 4 * cfg.adaptive_head < real:
+            if not 0 < cfg.adaptive_head <= max_adaptive_head(cfg.vocab_size):
                 raise ValueError(f"adaptive_head {cfg.adaptive_head}: 4 x it must be below the {real} real tokens")
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_dim, real, adaptive_cutoffs(cfg), div_value=4.0, head_bias=True)
             self.register_buffer("token_rank", torch.arange(real))

@@ -83,7 +83,7 @@ from scoring import score_posterior, score_texts
 import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve, save_checkpoint
-from model import DiT, DiTConfig, PRESETS, PrecisionError, set_runtime
+from model import DiT, DiTConfig, PRESETS, PrecisionError, max_adaptive_head, set_runtime
 from ngram import CountsLM
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training (small)
@@ -171,10 +171,10 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("preset", "adaptive_head"):  # a model size asks for scratch (init auto becomes scratch)
         if getattr(cfg, name) is not None and cfg.init not in ("auto", "scratch"):
             raise ConfigError(name, "applies to --init scratch only (a loaded checkpoint brings its own config)")
-    real = DiTConfig().vocab_size - 1  # GPT-2's tokens (data.check_vocab): the adaptive head's 4 S must stay below them
-    if cfg.adaptive_head is not None and not 0 <= 4 * cfg.adaptive_head < real:
-        raise ConfigError("adaptive_head", f"must be 0 (full head) or 1..{(real - 1) // 4} (4 S below the {real:,} tokens), "
-                          f"got {cfg.adaptive_head}")
+    vocab = DiTConfig().vocab_size  # GPT-2's tokens and the mask (data.check_vocab)
+    if cfg.adaptive_head is not None and not 0 <= cfg.adaptive_head <= max_adaptive_head(vocab):
+        raise ConfigError("adaptive_head", f"must be 0 (full head) or 1..{max_adaptive_head(vocab)} (4 S below the "
+                          f"{vocab - 1:,} tokens), got {cfg.adaptive_head}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise ConfigError("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     if not 0 <= cfg.ema_decay < 1:
