@@ -551,7 +551,8 @@ def texts_to_score(args, names: list[str]) -> tuple[list[str], list, np.ndarray 
     return [r.text for r in reviews], [text_id(r, data_names, args) for r in reviews], labels
 
 
-def score_in_slices(clf: DiffusionClassifier, tokens: list[list[int]], args, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+def score_in_slices(clf: DiffusionClassifier, tokens: list[list[int]], args, rank: int,
+                    world: int) -> tuple[np.ndarray, np.ndarray]:
     """Every text's draws, float64 [N, C, clf.most_draws()] (NaN where not drawn), and the indices
     scored (sorted): all of them, or after Ctrl-C (rank 0, past the first slice) those done so far.
     Slices in a seeded random order, so that an interrupted run keeps a fair sample of the texts;

@@ -415,7 +415,8 @@ class AtatStep:
     weight: float
 
 
-def joint_loss(model, part: MicroBatch, step_tokens: int, disc_weight: float, step_labeled: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def joint_loss(model, part: MicroBatch, step_tokens: int, disc_weight: float,
+               step_labeled: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One micro-batch of a joint model: (its denoising nats per step token, the loss to differentiate,
     {"disc_loss": the unweighted label term, detached} when λ > 0); step_backward has the formula."""
     x0, t, labels = part.x0, part.t, part.labels
@@ -433,7 +434,8 @@ def joint_loss(model, part: MicroBatch, step_tokens: int, disc_weight: float, st
     return nats, nats + disc_weight * disc, {"disc_loss": disc.detach().double()}
 
 
-def text_loss(model, part: MicroBatch, step_tokens: int, atat_step: AtatStep | None, n_micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def text_loss(model, part: MicroBatch, step_tokens: int, atat_step: AtatStep | None,
+              n_micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One micro-batch of a model without a label slot: (its nats per step token, the loss to differentiate,
     {"estimator_loss"} with --objective atat)."""
     x0, t, attention_mask = part.x0, part.t, part.attention_mask
