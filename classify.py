@@ -253,10 +253,10 @@ class DiffusionClassifier:
         if len(classes) < 2:
             raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs two or more")
         reviews = [data.Review(t, data.UNLABELED if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
-        hp = self.train_params
+        hp, unlabeled = self.train_params, [r for r in reviews if r.label == data.UNLABELED]
         given = {"init": hp["init"], "preset": hp["preset"] if hp["init"] == "scratch" else None, "max_steps": hp["max_steps"],
                  "lr": hp["lr"], "eval_every": hp["eval_every"], "batch_size": self.batch_size, "seed": self.seed,
-                 "disc_weight": hp["disc_weight"], "unlabeled": any(r.label == data.UNLABELED for r in reviews)}
+                 "disc_weight": hp["disc_weight"], "unlabeled": bool(unlabeled)}
         cfg = train.TrainConfig(cls="all", out=hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-"),
                                 **{k: v for k, v in given.items() if v is not None})
         try:
@@ -264,7 +264,6 @@ class DiffusionClassifier:
         except train.ConfigError as e:  # named as this API names it: max_steps, not --max-steps
             raise ValueError(f"fit: argument {e.name}: {e}") from None
         train.resolve_config(cfg)
-        unlabeled = [r for r in reviews if r.label == data.UNLABELED]
         try:
             train.train(cfg, [], ([r for r in reviews if r.label != data.UNLABELED], classes, unlabeled))
         except SystemExit as e:
@@ -444,12 +443,12 @@ def trained_on(paths: list[str]) -> dict:
     --labeled-limit checkpoint written before the counts were recorded: its limit, n_unlabeled
     None; None where unknown)."""
     metas = [read_config(Path(p))[1] for p in paths]
-    limit = metas[0].get("train_args", {}).get("labeled_limit")
+    train_args = metas[0].get("train_args", {})
+    limit = train_args.get("labeled_limit")
     counts = [m.get("n_labeled", limit) for m in metas]
     unlabeled = [m.get("n_unlabeled") for m in metas]
-    return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit,
-            "unlabeled": metas[0].get("train_args", {}).get("unlabeled"),
-            "n_unlabeled": None if None in unlabeled else sum(unlabeled), "init": metas[0].get("train_args", {}).get("init")}
+    return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit, "unlabeled": train_args.get("unlabeled"),
+            "n_unlabeled": None if None in unlabeled else sum(unlabeled), "init": train_args.get("init")}
 
 
 def read_texts(path: str, text_field: str = "text") -> tuple[list[str], list]:

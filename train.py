@@ -91,6 +91,7 @@ FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-
 CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 800, "base_steps": 4000}  # base_steps: --class none, 25 min
 MAX_STEPS = 1000  # any other start
 BASE = "none"  # --class none: a base model of p(text) on every text, labels unread
+SCHEDULE_CHOICES, PRECISION_CHOICES, OBJECTIVE_CHOICES = ("constant", "cosine"), ("auto", "fp32", "bf16"), ("mdlm", "atat")  # the flags' choices
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
 ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup and schedule)
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
@@ -163,8 +164,7 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0 < value < float("inf"):
             raise ConfigError(name, f"must be > 0, got {value}")
-    choices = {"preset": PRESETS, "lr_schedule": ("constant", "cosine"), "precision": ("auto", "fp32", "bf16"),
-               "objective": ("mdlm", "atat")}
+    choices = {"preset": PRESETS, "lr_schedule": SCHEDULE_CHOICES, "precision": PRECISION_CHOICES, "objective": OBJECTIVE_CHOICES}
     for name, allowed in choices.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
             raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -189,8 +189,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("unlabeled", "applies to --class all (one joint model over (label, text)); " + (
             "--class none trains on every text, unlabeled ones included" if cfg.cls == BASE
             else "a class model trains on its own class's labeled texts"))
-    unlabeled = cfg.labeled_limit is not None if cfg.unlabeled is None else cfg.unlabeled
-    if unlabeled and cfg.batch_size < 2:
+    if uses_unlabeled(cfg) and cfg.batch_size < 2:
         raise ConfigError("batch_size", "1, but labeled and unlabeled texts share every micro-batch half and half "
                           "(--unlabeled); pass 2 or more")
     if cfg.objective == "atat" and cfg.cls == "all":
@@ -201,6 +200,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("atat_tilt", f"must be in [0, 1), got {cfg.atat_tilt}")
     if cfg.atat_width % ATAT_HEADS:
         raise ConfigError("atat_width", f"must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {cfg.atat_width}")
+
+
+def uses_unlabeled(cfg: TrainConfig) -> bool:
+    """--unlabeled as given, or its default: on with --labeled-limit, else off."""
+    return cfg.labeled_limit is not None if cfg.unlabeled is None else cfg.unlabeled
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -221,8 +225,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         if talk:
             size = "169.6M parameters, on the GPU" if cfg.preset == "small" else "8.2M parameters: no GPU here"
             print(f"--init scratch: the {cfg.preset} preset ({size}; --preset small|tiny chooses)", file=sys.stderr)
-    if cfg.unlabeled is None:
-        cfg.unlabeled = cfg.labeled_limit is not None
+    cfg.unlabeled = uses_unlabeled(cfg)
     recipe = cfg.preset == CPU_RECIPE["preset"] if cfg.init == "scratch" else tiny_checkpoint(cfg.init)
     cfg.lr = cfg.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if cfg.init == "scratch" else FINETUNE_LR)
     cfg.max_steps = cfg.max_steps or (CPU_RECIPE["base_steps" if cfg.cls == BASE else "max_steps"] if recipe else MAX_STEPS)
@@ -278,13 +281,13 @@ def parse_args(argv=None) -> TrainConfig:
                         "texts; None: one per process)")
     a.add_argument("--warmup-steps", type=int, help="linear warmup steps (0: none; default 100, or an eighth of "
                    "--max-steps when that is shorter)")
-    a.add_argument("--lr-schedule", choices=["constant", "cosine"], default=DEFAULTS.lr_schedule,
+    a.add_argument("--lr-schedule", choices=SCHEDULE_CHOICES, default=DEFAULTS.lr_schedule,
                    help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
     a.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay)
-    a.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=DEFAULTS.precision,
+    a.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULTS.precision,
                    help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
                         "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
-    a.add_argument("--objective", choices=["mdlm", "atat"], default=DEFAULTS.objective,
+    a.add_argument("--objective", choices=OBJECTIVE_CHOICES, default=DEFAULTS.objective,
                    help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
     a.add_argument("--atat-width", type=data.positive(), default=DEFAULTS.atat_width, help="--objective atat: the importance estimator's width")
     a.add_argument("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers, help="--objective atat: its transformer layers")
