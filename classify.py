@@ -69,11 +69,11 @@ SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C 
 READOUTS = ("posterior", "nelbo")  # the one-pass label-slot posterior (joint checkpoints), Bayes rule over class NELBOs
 
 
-def posteriors(nelbo: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def posteriors(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Tempered posteriors softmax_c(-score_c / T) (calibration.py): Bayes rule with a uniform prior over
     NELBO scores, or the tempered one-pass posterior when score = -log p(c | text) (its training prior
     already in it). score [N, C] nats -> float64 [N, C], rows sum to 1."""
-    return calibration.softmax(-nelbo, temperature)
+    return calibration.softmax(-scores, temperature)
 
 
 def load_class_models(paths: list[str], device, precision: str = "auto") -> tuple[list, list[str], list | None]:
@@ -138,7 +138,7 @@ class DiffusionClassifier:
         clf.classes_                # ['neg', 'pos'] (also clf.classes)
         clf.predict(texts)          # list of N class names
         clf.predict_proba(texts)    # float64 [N, C], rows sum to 1: softmax(-score / T)
-        clf.nelbo(texts)            # float64 [N, C], nats: the score (readout "nelbo": NELBO_c(text))
+        clf.class_scores(texts)     # float64 [N, C] nats, lower = more probable: NELBO_c(text) or -log p(c | text)
 
     Two readouts. "posterior" (the default for a joint checkpoint): one forward pass per window,
     the label slot masked, score_c = -log p(c | text) (score_posterior); no Monte-Carlo draws.
@@ -293,11 +293,12 @@ class DiffusionClassifier:
             shutil.copy2(source / calibration.FILE, target / calibration.FILE)
         return target
 
-    def nelbo(self, texts: list[str]) -> np.ndarray:
-        """The score of every class in nats, float64 [N, C], lower = more probable: NELBO_c(text) (an
-        upper bound on -log p(text | c)) for readout "nelbo", -log p(c | text) for "posterior".
+    def class_scores(self, texts: list[str]) -> np.ndarray:
+        """The score of every class in nats, float64 [N, C], lower = more probable (predict_proba is
+        softmax(-score / T)): NELBO_c(text) (Eq. 11, an upper bound on -log p(text | c)) under readout
+        "nelbo", -log p(c | text) under "posterior".
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
-        return self.score(data.encode(check_texts(texts)))
+        return self.class_scores_encoded(data.encode(check_texts(texts)))
 
     def draws(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
@@ -315,8 +316,8 @@ class DiffusionClassifier:
         self.check_fitted()
         return 1 if self.readout == "posterior" else most_draws(self.mc_samples, self.max_draws)
 
-    def score(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
-        """nelbo for texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
+    def class_scores_encoded(self, token_lists: list[list[int]], progress: bool = False) -> np.ndarray:
+        """class_scores of texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
         return np.nanmean(self.draws(token_lists, progress), -1)
 
     def novelty(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None,
@@ -344,7 +345,7 @@ class DiffusionClassifier:
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Calibrated posterior p(c | text): float64 [N, C], rows sum to 1 (readout "nelbo": a uniform prior)."""
-        return posteriors(self.nelbo(texts), self.temperature)
+        return posteriors(self.class_scores(texts), self.temperature)
 
     def predict(self, texts: list[str]) -> list[str]:
         """The most probable class name of each text (argmax of predict_proba)."""
@@ -419,7 +420,7 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
         print(f"--calibrate: scoring {len(val)} held-out validation texts ({clf.readout} readout"
               + ("" if args.limit or clf.readout == "posterior" else "; --limit N scores more") + ")", file=sys.stderr)
     labels = np.array([r.label for r in val])
-    scores = -clf.score(data.encode([r.text for r in val]), progress=True)
+    scores = -clf.class_scores_encoded(data.encode([r.text for r in val]), progress=True)
     if rank > 0:
         return
     try:
@@ -575,14 +576,14 @@ def score_in_slices(clf: DiffusionClassifier, tokens: list[list[int]], args, ran
 
 @dataclasses.dataclass
 class Scored:
-    """The scored texts, in input order, and what the CLI reports of each: nelbo float64 [N, C] (the
-    class NELBOs, or -log p(c | text) under the posterior readout), post [N, C] (temperature applied),
+    """The scored texts, in input order, and what the CLI reports of each: scores float64 [N, C] nats
+    (DiffusionClassifier.class_scores: the class NELBOs, or -log p(c | text) under the posterior readout), post [N, C] (temperature applied),
     pred long [N], margin and margin_se [N] (scoring.paired_margin), n_draws [N], novelty [N] or None."""
     texts: list
     ids: list
     tokens: list
     labels: np.ndarray | None
-    nelbo: np.ndarray
+    scores: np.ndarray
     post: np.ndarray
     pred: np.ndarray
     margin: np.ndarray
@@ -592,10 +593,10 @@ class Scored:
 
     @classmethod
     def of(cls, texts, ids, tokens, labels, draws: np.ndarray, kept: np.ndarray, temperature: float) -> "Scored":
-        nelbo = np.nanmean(draws[kept], -1)
-        post = posteriors(nelbo, temperature)
+        scores = np.nanmean(draws[kept], -1)
+        post = posteriors(scores, temperature)
         return cls([texts[i] for i in kept], [ids[i] for i in kept], [tokens[i] for i in kept],
-                   None if labels is None else labels[kept], nelbo, post, post.argmax(1), *paired_margin(draws[kept]),
+                   None if labels is None else labels[kept], scores, post, post.argmax(1), *paired_margin(draws[kept]),
                    draws_taken(draws[kept]))
 
 
@@ -615,10 +616,10 @@ def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: 
         return {**summary, "input": args.input}
     summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
     summary.update(accuracy_report(s.labels, s.pred, names))
-    summary["calibration"] = {"uncalibrated": calibration.summary(-s.nelbo, s.labels, 1.0),
-                              "calibrated": calibration.summary(-s.nelbo, s.labels, clf.temperature)}
+    summary["calibration"] = {"uncalibrated": calibration.summary(-s.scores, s.labels, 1.0),
+                              "calibrated": calibration.summary(-s.scores, s.labels, clf.temperature)}
     if clf.readout == "nelbo":  # the evidence behind the confusion matrix
-        summary["nats_per_token"] = {names[c]: {names[m]: float(s.nelbo[s.labels == c, m].sum() / sum(
+        summary["nats_per_token"] = {names[c]: {names[m]: float(s.scores[s.labels == c, m].sum() / sum(
             len(s.tokens[i]) for i in np.flatnonzero(s.labels == c))) for m in range(len(names))} for c in np.unique(s.labels)}
     return summary
 
@@ -677,7 +678,7 @@ def json_rows(s: Scored, names: list[str], readout: str) -> list[dict]:
     """--json: one record per scored text."""
     return [{"id": s.ids[i], "text": s.texts[i], "label": None if s.labels is None else names[s.labels[i]],
              "pred": names[s.pred[i]], "posterior": s.post[i].round(6).tolist(),
-             ("nelbo" if readout == "nelbo" else "neg_log_posterior"): s.nelbo[i].round(4).tolist(),
+             ("nelbo" if readout == "nelbo" else "neg_log_posterior"): s.scores[i].round(4).tolist(),
              "margin": round(float(s.margin[i]), 4),
              "margin_se": None if np.isnan(s.margin_se[i]) else round(float(s.margin_se[i]), 4),
              "draws": int(s.n_draws[i]), "n_tokens": len(s.tokens[i]),

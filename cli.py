@@ -46,6 +46,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpAll(argparse.Action):
+    """--help-all: print the help of the parser that `const()` builds (every flag shown, the advanced
+    ones that --help hides included) and exit, as --help does."""
+
+    def __init__(self, option_strings, dest, const, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, const=const, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        self.const().print_help()
+        parser.exit()
+
+
 def fail(message: str, status: int = 1):
     """Exit with a one-line error on stderr (no traceback). Under torchrun every rank meets the same
     error; rank 0 says it."""

@@ -147,10 +147,10 @@ def positive(kind=int):
 
 def add_data_args(parser) -> None:
     """The dataset flags every CLI shares: --data, --text-field, --label-field."""
-    parser.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download), a .jsonl or "
-                        ".csv file, or a folder with one sub-folder of .txt files per class")
-    parser.add_argument("--text-field", default="text", help="JSONL key / CSV column holding the text")
-    parser.add_argument("--label-field", default="label", help="JSONL key / CSV column holding the label")
+    parser.add_argument("--data", metavar="PATH", help="aclImdb tarball or folder (default: $IMDB_PATH, else download), "
+                        "a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
+    parser.add_argument("--text-field", default="text", metavar="KEY", help="JSONL key / CSV column holding the text")
+    parser.add_argument("--label-field", default="label", metavar="KEY", help="JSONL key / CSV column holding the label")
 
 
 def load_dataset(path: str | None, split: str, text_field: str = "text",

@@ -81,7 +81,7 @@ import data
 import diffusion
 from scoring import score_posterior, score_texts
 import cli
-from cli import ArgumentParser, fail, init_distributed, progress, run_cli
+from cli import ArgumentParser, HelpAll, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, max_adaptive_head, set_runtime
 from ngram import CountsLM
@@ -237,67 +237,78 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """train.py's command line -> a checked, resolved TrainConfig (a bad flag: a one-line usage error)."""
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--class", dest="cls", required=True,
-                   help="class name or index (IMDB: neg = 0, pos = 1), 'all' for one joint model over (label, text) on every "
-                        "text, or 'none' for a base model of p(text) on every train and unlabeled text, labels unread "
-                        "(fine-tune it with --class all --init DIR)")
+def build_parser(every_flag: bool = False) -> ArgumentParser:
+    """train.py's flags. --help shows the common ones; the advanced ones (their defaults are the
+    measured recipe's) are parsed either way and shown by --help-all (every_flag=True)."""
+    p = ArgumentParser(description=__doc__, usage="%(prog)s --class C --out DIR [options]   (--help-all: every flag)")
+    p.add_argument("--help-all", action=HelpAll, const=lambda: build_parser(every_flag=True),
+                   help="show the advanced flags too, and exit")
+    p.add_argument("--class", dest="cls", required=True, metavar="C",
+                   help="a class name or index: one model per class (IMDB: neg = 0, pos = 1); 'all': one joint model "
+                        "over (label, text); 'none': a base of p(text), labels unread")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder")
+    p.add_argument("--init", default=DEFAULTS.init, metavar="FROM",
+                   help=f"'hf' ({DEFAULT_REPO}), 'scratch', or a checkpoint folder / hub id; auto: hf on a GPU, "
+                        "scratch (the CPU recipe) without one")
     data.add_data_args(p)
-    p.add_argument("--init", default=DEFAULTS.init, help=f"'hf' ({DEFAULT_REPO}, from the Hugging Face hub), 'scratch', a "
-                   "checkpoint folder / hub id, or auto: hf on a GPU, scratch (the CPU recipe) without one")
-    p.add_argument("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny "
-                   "without one)")
-    p.add_argument("--max-steps", type=data.positive(),
-                   help=f"optimizer steps (default for a tiny model: {CPU_RECIPE['base_steps']} with --class none, else "
-                        f"{CPU_RECIPE['max_steps']}; else {MAX_STEPS})")
-    p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, help="texts per micro-batch")
-    p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default {FINETUNE_LR} fine-tuning, {SCRATCH_LR} "
-                   f"small from scratch, {CPU_RECIPE['lr']} tiny, from scratch or from a tiny checkpoint)")
     p.add_argument("--labeled-limit", type=data.positive(), metavar="N",
-                   help="few labels: keep N labeled train texts (N / C per class, drawn with --seed: data.labeled_limit); "
-                        "--class all trains on every other train text as an unlabeled one, a class model on its N / C")
-    p.add_argument("--unlabeled", action=argparse.BooleanOptionalAction,
-                   help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, "
-                        "and with --labeled-limit the train texts whose labels it drops), label slot masked, half of "
-                        "every micro-batch (default: on with --labeled-limit, else off: with every label they cost "
-                        "labeled steps and accuracy, docs/label_token.md)")
-    p.add_argument("--eval-every", type=data.positive(), default=DEFAULTS.eval_every, help="validate and checkpoint every N steps")
-    p.add_argument("--val-texts", "--val-reviews", dest="val_texts", type=data.positive(), default=DEFAULTS.val_texts,
-                   help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
-    p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+                   help="few labels: keep N labeled train texts, N / C per class (drawn with --seed); --class all "
+                        "reads the rest as unlabeled texts, a class model keeps its N / C")
+    p.add_argument("--max-steps", type=data.positive(), metavar="N",
+                   help=f"optimizer steps (default: {CPU_RECIPE['base_steps']} for a tiny base, "
+                        f"{CPU_RECIPE['max_steps']} for any other tiny model, else {MAX_STEPS})")
+    p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default: {CPU_RECIPE['lr']:g} tiny, "
+                   f"{SCRATCH_LR:g} small from scratch, {FINETUNE_LR:g} fine-tuning hf)")
+    p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, metavar="N", help="texts per micro-batch")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order, the masks and the labels kept")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     a = p.add_argument_group("advanced (the defaults are the measured recipe's)")
-    a.add_argument("--disc-weight", type=float, default=DEFAULTS.disc_weight, metavar="λ",
-                   help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added "
-                        "to the NELBO (0: purely generative)")
-    a.add_argument("--adaptive-head", type=int, metavar="S",
-                   help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, "
-                        "0 = a full linear head (default: the preset's)")
-    a.add_argument("--grad-accum", type=data.positive(),
-                   help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum "
-                        "texts; None: one per process)")
-    a.add_argument("--warmup-steps", type=int, help="linear warmup steps (0: none; default 100, or an eighth of "
-                   "--max-steps when that is shorter)")
-    a.add_argument("--lr-schedule", choices=SCHEDULE_CHOICES, default=DEFAULTS.lr_schedule,
-                   help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
-    a.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay)
-    a.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULTS.precision,
-                   help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; "
-                        "a GPU without bf16 needs fp32 (fp16 training would need loss scaling)")
-    a.add_argument("--objective", choices=OBJECTIVE_CHOICES, default=DEFAULTS.objective,
-                   help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
-    a.add_argument("--atat-width", type=data.positive(), default=DEFAULTS.atat_width, help="--objective atat: the importance estimator's width")
-    a.add_argument("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers, help="--objective atat: its transformer layers")
-    a.add_argument("--atat-phases", type=float, nargs=2, default=DEFAULTS.atat_phases, metavar=("EASY_END", "HARD_START"),
-                   help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, "
-                        "hard ones more after HARD_START x --max-steps, and moves between the two in the middle")
-    a.add_argument("--atat-tilt", type=float, default=DEFAULTS.atat_tilt,
-                   help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
-    a.add_argument("--atat-estimator-weight", type=float, default=DEFAULTS.atat_estimator_weight,
-                   help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
+    def advanced(*flags, help=None, **kwargs):  # hidden from --help, parsed either way
+        a.add_argument(*flags, help=help if every_flag else argparse.SUPPRESS, **kwargs)
+    advanced("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny without one)")
+    advanced("--unlabeled", action=argparse.BooleanOptionalAction,
+             help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, and "
+                  "with --labeled-limit the train texts whose labels it drops), label slot masked, half of every "
+                  "micro-batch (default: on with --labeled-limit, else off: with every label they cost labeled steps "
+                  "and accuracy, docs/label_token.md)")
+    advanced("--eval-every", type=data.positive(), default=DEFAULTS.eval_every, help="validate and checkpoint every N steps")
+    advanced("--val-texts", "--val-reviews", dest="val_texts", type=data.positive(), default=DEFAULTS.val_texts,
+             help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
+    advanced("--disc-weight", type=float, default=DEFAULTS.disc_weight, metavar="λ",
+             help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added to "
+                  "the NELBO (0: purely generative)")
+    advanced("--adaptive-head", type=int, metavar="S",
+             help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, 0 = a full "
+                  "linear head (default: the preset's)")
+    advanced("--grad-accum", type=data.positive(),
+             help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum texts; "
+                  "None: one per process)")
+    advanced("--warmup-steps", type=int,
+             help="linear warmup steps (0: none; default 100, or an eighth of --max-steps when that is shorter)")
+    advanced("--lr-schedule", choices=SCHEDULE_CHOICES, default=DEFAULTS.lr_schedule,
+             help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
+    advanced("--ema-decay", type=float, default=DEFAULTS.ema_decay, help="decay of the EMA of the weights that is saved")
+    advanced("--precision", choices=PRECISION_CHOICES, default=DEFAULTS.precision,
+             help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; a GPU "
+                  "without bf16 needs fp32 (fp16 training would need loss scaling)")
+    advanced("--objective", choices=OBJECTIVE_CHOICES, default=DEFAULTS.objective,
+             help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
+    advanced("--atat-width", type=data.positive(), default=DEFAULTS.atat_width,
+             help="--objective atat: the importance estimator's width")
+    advanced("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers, help="--objective atat: its transformer layers")
+    advanced("--atat-phases", type=float, nargs=2, default=DEFAULTS.atat_phases, metavar=("EASY_END", "HARD_START"),
+             help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, hard ones "
+                  "more after HARD_START x --max-steps, and moves between the two in the middle")
+    advanced("--atat-tilt", type=float, default=DEFAULTS.atat_tilt,
+             help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
+    advanced("--atat-estimator-weight", type=float, default=DEFAULTS.atat_estimator_weight,
+             help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """train.py's command line -> a checked, resolved TrainConfig (a bad flag: a one-line usage error)."""
+    p = build_parser()
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     try:
         check_config(cfg)

@@ -80,7 +80,7 @@ def run(argv=None):
             runs = []
             for r in range(args.replicates):
                 clf.seed = r
-                runs.append(clf.score(tokens))  # [N, C]
+                runs.append(clf.class_scores_encoded(tokens))  # [N, C]
             runs = np.stack(runs)  # [R, N, C]
             mean = runs.mean(0)
             rival = np.where(np.arange(mean.shape[1])[None] == labels[:, None], np.inf, mean).argmin(1)

@@ -180,7 +180,7 @@ def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():
         clf = DiffusionClassifier([model, model], ["a", "b"], mc_samples=3, max_draws=3, estimator=estimator)
         draws = clf.draws(texts)
         assert draws.shape == (3, 2, 3) and np.all(draws >= 0) and np.mean(draws > 0) > 0.5
-        assert np.array_equal(draws[:, 0], draws[:, 1])
+        np.testing.assert_allclose(draws[:, 0], draws[:, 1], rtol=1e-5, atol=0)  # other draws would differ by nats
 
 
 def test_predict_refuses_a_string():
@@ -294,11 +294,14 @@ def test_variance_cli_measures_the_standard_error_against_k(toy_conditional, tmp
     jsonl, ckpt = toy_conditional
     out = tmp_path / "v.json"
     result = run_script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", "6", "--ks", "1,16",
-                        "--replicates", "4", "--json", out)
+                        "--replicates", "8", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = {(r["estimator"], r["k"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(e, k) for e in scoring.ESTIMATORS for k in (1, 16)}
-    for estimator in scoring.ESTIMATORS:  # 16x the draws: ideally 1/4 the standard error; the estimate of it is noisy
+    # 16x the draws: ideally 1/4 the standard error. Its estimate is noisy (one draw's NELBO is skewed: a
+    # small t weighs 1/t): measured over 9 toy models (training seeds 0-7, and seed 0 in the suite, its float
+    # rounding another trajectory), se(16) / se(1) was 0.13-0.38 with 8 replicates; 4 gave 0.76 on one of them.
+    for estimator in scoring.ESTIMATORS:
         assert 0 < rows[estimator, 16]["se"] < 0.6 * rows[estimator, 1]["se"], rows
 
 

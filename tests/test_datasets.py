@@ -165,18 +165,19 @@ def test_python_api_predicts_names_deterministically(toy):
     texts = [row["text"] for row in rows]
     predicted = clf.predict(texts)
     assert np.mean([p == row["label"] for p, row in zip(predicted, rows)]) >= 0.8
-    proba, nelbo = clf.predict_proba(texts), clf.nelbo(texts)
+    proba, nelbo = clf.predict_proba(texts), clf.class_scores(texts)
     assert proba.shape == nelbo.shape == (12, 3)
     # Bayes rule with a uniform prior: the most probable class is the one with the lowest bound
     assert (proba.argmax(1) == nelbo.argmin(1)).all() and [clf.classes[c] for c in nelbo.argmin(1)] == predicted
     assert (nelbo > 0).all()  # nats
-    np.testing.assert_array_equal(clf.nelbo(texts), nelbo)  # the same seed, the same draws
-    other = DiffusionClassifier(clf.models, clf.classes, mc_samples=2, seed=1).nelbo(texts[:2])
-    assert not np.array_equal(other, nelbo[:2])  # another seed, other draws
+    # the same seed, the same draws (the same numbers up to float32 rounding, whose order a long process may change)
+    np.testing.assert_allclose(clf.class_scores(texts), nelbo, rtol=1e-5, atol=0)
+    other = DiffusionClassifier(clf.models, clf.classes, mc_samples=2, seed=1).class_scores(texts[:2])
+    assert np.abs(other - nelbo[:2]).max() > 1e-2  # another seed, other draws: not a rounding difference
     long = " ".join(LANGUAGES["numbers"] * 70)  # 560 tokens: two windows of the tiny preset's 512
     assert clf.predict([long]) == ["numbers"]
     with pytest.raises(DataError, match="text 2 has no tokens"):
-        clf.nelbo(["cat", ""])
+        clf.class_scores(["cat", ""])
 
 
 def test_separate_test_csv_with_renamed_columns_and_a_long_text(toy, tmp_path):

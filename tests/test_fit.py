@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import classify
 
@@ -35,7 +36,11 @@ def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     saved = clf.save(tmp_path / "mine")
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no train state
     again = DiffusionClassifier.from_checkpoints(str(saved))
-    np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-6, atol=1e-9)
+    weights, copied = clf.models[0].state_dict(), again.models[0].state_dict()
+    assert weights.keys() == copied.keys() and all(torch.equal(weights[k], copied[k]) for k in weights)  # bit for bit
+    assert again.classes_ == clf.classes_ and again.models[0].config == clf.models[0].config
+    # the same weights, the same posteriors, up to float32 rounding (its order varies with the machine's kernels)
+    np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-4, atol=1e-7)
     # a calibrated model keeps its temperature in the copy (the fit names the folder it is for)
     data_file = tmp_path / "langs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in make_languages(40)))
@@ -43,7 +48,7 @@ def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     calibrated = DiffusionClassifier.from_checkpoints(str(out))
     moved = DiffusionClassifier.from_checkpoints(str(calibrated.save(tmp_path / "calibrated")))
     assert moved.temperature == calibrated.temperature != 1.0 and "calibration.json" in moved.temperature_source
-    np.testing.assert_allclose(again.predict_proba(texts), clf.predict_proba(texts), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(moved.predict_proba(texts), calibrated.predict_proba(texts), rtol=1e-4, atol=1e-7)
 
 
 def test_fit_errors_name_the_argument():

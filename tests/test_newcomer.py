@@ -176,6 +176,22 @@ def test_help_shows_defaults_and_one_meaning_of_batch_size():
         assert help_of(result.stdout, "--batch-size").startswith("texts per"), script
 
 
+def test_train_help_fits_a_screen_and_help_all_shows_every_flag():
+    import dataclasses
+    short = run_script("train.py", "--help", env={"COLUMNS": "80"})
+    full = run_script("train.py", "--help-all", env={"COLUMNS": "80"})
+    assert short.returncode == full.returncode == 0
+    assert len(short.stdout.splitlines()) <= 45  # a terminal screen, the common flags only
+    flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(train.TrainConfig) if f.name != "cls"] + ["--class"]
+    missing = [flag for flag in flags if not re.search(rf"\n  {flag}[ ,\n]", full.stdout)]
+    assert not missing, missing  # every flag documented somewhere
+    assert "--atat-tilt" not in short.stdout and "--help-all" in short.stdout  # hidden, and the way to see it said
+    for flag in ("--class", "--out", "--init", "--data", "--labeled-limit", "--max-steps", "--resume"):
+        assert f"{flag} " in short.stdout
+    result = run_script("train.py", "--class", "all", "--out", "o", "--atat-tilt", "2")  # a hidden flag still parses
+    assert result.returncode == 2 and "argument --atat-tilt: must be in [0, 1)" in result.stderr
+
+
 def test_output_to_a_file_is_plain_lines(tmp_path, pair):
     result = run_script("train.py", "--class", "0", "--data", pair[1], "--init", "scratch", "--preset", "tiny",
                         "--max-steps", 20, "--warmup-steps", 0, "--batch-size", 4, "--val-reviews", 1, "--eval-every", 20,
