@@ -24,6 +24,9 @@ _cache = ROOT.parent / "shared" / "tiktoken_cache"
 if _cache.is_dir() or _user_tiktoken:
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache) if _cache.is_dir() else _user_tiktoken
 os.environ["HF_HOME"] = str(Path(tempfile.gettempdir()) / "mdlm-tests-hf-home")  # a hub cache of the tests' own
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers: the other has the other core
+    import torch
+    torch.set_num_threads(1)
 
 def pytest_sessionstart(session):
     """The suite tokenizes with GPT-2's BPE: without it, stop at once with one line that says so (not

