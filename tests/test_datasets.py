@@ -140,7 +140,7 @@ def test_three_languages_are_learned_from_a_jsonl_file(toy, capsys):
     summary = json.loads(out.read_text())
     assert summary["classes"] == NAMES and summary["n_texts"] == 15 and summary["split"] == "test"
     assert [sum(row) for row in summary["confusion_matrix"]] == [5, 5, 5]
-    assert summary["accuracy"] >= 0.8  # chance: 1/3
+    assert summary["accuracy"] >= 0.7  # chance: 1/3 (11 of 15: P < 1e-3); measured 0.87-1.0 over training seeds 0-7
     assert "animals" in capsys.readouterr().out
 
 
@@ -164,7 +164,7 @@ def test_python_api_predicts_names_deterministically(toy):
     rows = make_languages(4, seed=1)  # texts no model has seen
     texts = [row["text"] for row in rows]
     predicted = clf.predict(texts)
-    assert np.mean([p == row["label"] for p, row in zip(predicted, rows)]) >= 0.8
+    assert np.mean([p == row["label"] for p, row in zip(predicted, rows)]) >= 0.8  # measured 1.0 over training seeds 0-7
     proba, nelbo = clf.predict_proba(texts), clf.class_scores(texts)
     assert proba.shape == nelbo.shape == (12, 3)
     # Bayes rule with a uniform prior: the most probable class is the one with the lowest bound
@@ -192,7 +192,7 @@ def test_separate_test_csv_with_renamed_columns_and_a_long_text(toy, tmp_path):
     assert summary["data"] == str(path) and summary["n_texts"] == 7 and summary["windowed_texts"] == 1
     assert sorted({t["label"] for t in summary["texts"]}) == ["colors", "numbers"]  # mapped by name onto the checkpoints' classes
     assert [t["id"] for t in summary["texts"]] == list(range(7)) and summary["texts"][-1]["text"] == rows[-1]["text"]
-    assert summary["accuracy"] >= 0.8
+    assert summary["accuracy"] >= 0.8  # measured 1.0 over training seeds 0-7
 
 
 def test_eval_confusion_of_likelihoods_on_a_class_folder(toy, tmp_path):
@@ -201,7 +201,7 @@ def test_eval_confusion_of_likelihoods_on_a_class_folder(toy, tmp_path):
     out = tmp_path / "ppl.json"
     eval_cli.main([*(a for c in ckpts for a in ("--ckpt", c)), "--test-data", str(folder), "--mc-samples", "2", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
-    for language in NAMES:  # each language is best explained by its own model
+    for language in NAMES:  # each language is best explained by its own model (by 4.3+ nats/token over seeds 0-7)
         row = {r["name"]: r["nats_per_token"] for r in results if r["data"] == language}
         assert min(row, key=row.get) == language, row
 

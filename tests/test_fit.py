@@ -30,7 +30,8 @@ def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     assert clf.classes_ == sorted(LANGUAGES) and clf.readout == "posterior"
     rows = make_languages(10, seed=7)  # new texts
     texts = [r["text"] for r in rows]
-    assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.9  # chance: 1/3
+    # chance: 1/3; measured 0.93-1.0 over fit's seeds 0-7 (the bar: 24 of 30, P < 1e-7 at chance)
+    assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.8
     config = json.loads((out / "config.json").read_text())
     assert config["n_unlabeled"] == 15 and config["train_args"]["unlabeled"] is True and config["step"] == 40
     saved = clf.save(tmp_path / "mine")

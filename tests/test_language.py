@@ -13,6 +13,8 @@ from eval import cross_entropy_by_t
 from model import DiT, DiTConfig
 from ngram import CountsLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one trajectory whatever the machine's core count
+
 
 def test_counts_models_against_counts_by_hand():
     lm = CountsLM.fit([[0, 1, 0, 1], [1, 1]], n_real=3)
@@ -93,7 +95,7 @@ def test_a_model_that_reads_its_context(monkeypatch):
     # almost every masked token has a visible neighbour that fixes it
     texts = cycle_texts(64, 40, np.random.default_rng(1))
     ce = cross_entropy_by_t(train_on_cycles(), texts, (0.1,), seed=0, batch_size=32, device="cpu")[0]
-    assert ce["nats_per_masked_token"] < 0.4 * math.log(40), ce
+    assert ce["nats_per_masked_token"] < 0.4 * math.log(40), ce  # measured 0.01-0.28 x log 40 over seeds 0-7
 
 
 def test_the_context_test_fails_without_attention(monkeypatch):

@@ -5,6 +5,7 @@ import json
 import re
 import urllib.error
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -44,6 +45,9 @@ def one_line(capsys) -> str:
     return err.splitlines()[-1]
 
 
+FLOATS = {"posterior", "nelbo", "neg_log_posterior", "margin", "margin_se", "novelty_nats_per_token"}  # --json rows
+
+
 def test_ctrl_c_writes_the_rows_scored_so_far_marked_partial(pair, tmp_path, monkeypatch, capsys):
     classify.main(classify_args(pair, "--json", tmp_path / "whole.json"))
     whole = json.loads((tmp_path / "whole.json").read_text())
@@ -65,7 +69,12 @@ def test_ctrl_c_writes_the_rows_scored_so_far_marked_partial(pair, tmp_path, mon
     # the rows kept are those of the whole run (same texts, same draws), in input order, and a fair
     # sample: the texts come in a seeded random order, not class by class
     rows = {row["id"]: row for row in whole["texts"]}
-    assert all(row == rows[row["id"]] for row in part["texts"])
+    for row in part["texts"]:  # another batch size: the same draws, float32 sums in another order
+        other = rows[row["id"]]
+        assert {k: v for k, v in row.items() if k not in FLOATS} == {k: v for k, v in other.items() if k not in FLOATS}
+        for key in FLOATS & row.keys():
+            np.testing.assert_allclose(np.array(row[key], float), np.array(other[key], float), rtol=1e-5, atol=2e-4,
+                                       equal_nan=True)
     ids = [row["id"] for row in whole["texts"]]
     assert sorted(ids.index(row["id"]) for row in part["texts"]) == [ids.index(row["id"]) for row in part["texts"]]
     assert {row["label"] for row in part["texts"]} == set(data.CLASSES)

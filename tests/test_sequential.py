@@ -41,7 +41,7 @@ def test_clear_texts_stop_early_and_close_ones_get_every_draw(models):
     for j, i in enumerate(range(len(LOW), len(texts))):  # round r of text i: its own draws of stream r, wherever it sits
         for r in (1, 3):
             alone = score_draws([base], [texts[i]], 4, 0, 64, "cpu", index=[i], stream=r)[0, 0]
-            np.testing.assert_allclose(rounds[j, r], alone, rtol=1e-6)
+            np.testing.assert_allclose(rounds[j, r], alone, rtol=1e-5)  # other draws: nats apart; float32 in another batch: 1e-7
 
 
 def test_a_stopped_text_has_the_draws_and_decision_of_fixed_k(models):
@@ -50,7 +50,7 @@ def test_a_stopped_text_has_the_draws_and_decision_of_fixed_k(models):
     seq = score_sequential([base, low], texts, k=4, max_draws=16, z=2.0, seed=3, batch_size=5, device="cpu")
     assert (n_draws(seq) == 4).all()  # every text is clear between these two models
     fixed = score_draws([base, low], texts, 4, 3, batch_size=64, device="cpu")
-    np.testing.assert_allclose(seq[:, :, :4], fixed, rtol=1e-6)
+    np.testing.assert_allclose(seq[:, :, :4], fixed, rtol=1e-5)
     assert np.nanmean(seq, -1).argmin(1).tolist() == [0] * len(HIGH) + [1] * len(LOW)
 
 
