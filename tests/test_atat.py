@@ -207,7 +207,7 @@ def test_estimator_learns_to_rank_a_planted_hard_token_first(one_thread):
         opt.step()
     after = mean_score_per_id(est, x_eval, am_eval)
     margin_after = (after[7] - torch.cat([after[:7], after[8:]]).max()).item()
-    assert margin_after > 0.3
+    assert margin_after > 0.3  # measured 0.88-0.91 over seeds 0-7 (before: -0.36 to -0.02)
     assert margin_after > margin_before + 0.3
 
 
