@@ -499,10 +499,10 @@ def text_id(review: data.Review, names: list[str], args) -> str | int:
 def parse_args(argv=None):
     """classify.py's command line -> (its parser, for later usage errors; the arguments, with .paths:
     the checkpoint folders in class order)."""
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--ckpt0", help="checkpoint folder of class 0's model (IMDB: neg)")
-    p.add_argument("--ckpt1", help="checkpoint folder of class 1's model (IMDB: pos)")
-    p.add_argument("--ckpt", action="append", default=[],
+    p = ArgumentParser(description=__doc__, usage="%(prog)s --ckpt DIR [--ckpt DIR ...] [options]   (--help-all: every flag)")
+    p.add_argument("--ckpt0", metavar="DIR", help="checkpoint folder of class 0's model (IMDB: neg)")
+    p.add_argument("--ckpt1", metavar="DIR", help="checkpoint folder of class 1's model (IMDB: pos)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="DIR",
                    help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
     advanced = add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
     advanced.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
@@ -525,7 +525,8 @@ def parse_args(argv=None):
                    help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, or a folder "
                         "of .txt): report the AUROC of telling the scored texts from these by novelty and by max posterior "
                         "(implies --novelty)")
-    p.add_argument("--json", help="write the summary and one row per text (id, text, label, prediction, posterior, NELBOs) here")
+    p.add_argument("--json", metavar="FILE", help="write the summary and one row per text (id, text, label, prediction, "
+                   "posterior, scores) here")
     args = p.parse_args(argv)
     args.paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
     if not args.paths:

@@ -35,26 +35,47 @@ def short_description(doc: str, prog: str) -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported in one line that points to --help (not a usage block),
-    and a description cut to the module docstring's first line and examples (short_description)."""
+    a description cut to the module docstring's first line and examples (short_description), and
+    rarely needed flags in an "advanced" group (advanced_group) that --help leaves out and
+    --help-all shows: --help stays a screen long."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
         if self.description:
             self.description = short_description(self.description, self.prog)
+        self.advanced = None
+
+    def advanced_group(self, title: str):
+        """The argument group of the advanced flags (created once, with --help-all): parsed as any
+        other, listed by --help-all only."""
+        if self.advanced is None:
+            self.advanced = self.add_argument_group(title)
+            self.add_argument("--help-all", action=HelpAll, help="show the advanced flags too, and exit")
+        return self.advanced
+
+    def format_help(self, every_flag: bool = False) -> str:
+        hidden = [] if every_flag or self.advanced is None else self.advanced._group_actions
+        helps = [a.help for a in hidden]
+        for action in hidden:
+            action.help = argparse.SUPPRESS  # argparse leaves such a flag out of the usage and the list
+        try:
+            return super().format_help()
+        finally:
+            for action, text in zip(hidden, helps):
+                action.help = text
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpAll(argparse.Action):
-    """--help-all: print the help of the parser that `const()` builds (every flag shown, the advanced
-    ones that --help hides included) and exit, as --help does."""
+    """--help-all: print the help with every flag, the advanced ones included, and exit (as --help does)."""
 
-    def __init__(self, option_strings, dest, const, help=None):
-        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, const=const, help=help)
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        self.const().print_help()
+        parser._print_message(parser.format_help(every_flag=True), sys.stdout)
         parser.exit()
 
 
@@ -103,22 +124,22 @@ def init_distributed() -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def add_scoring_args(p: argparse.ArgumentParser, mc_samples: int, estimators: tuple):
+def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple):
     """The flags of classify.py and eval.py: which texts to score, and how the NELBO is estimated
     (mc_samples: the default of --mc-samples; estimators: scoring.ESTIMATORS, the first the default).
     Returns the "advanced" argument group, for the tool's own rarely needed flags."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--test-data", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
-    p.add_argument("--limit", type=data.positive(), help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
-    p.add_argument("--input", help="score your own texts instead: a file with one text per line, a folder of .txt "
+    p.add_argument("--test-data", metavar="PATH", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
+    p.add_argument("--limit", type=data.positive(), metavar="N", help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
+    p.add_argument("--input", metavar="PATH", help="score your own texts instead: a file with one text per line, a folder of .txt "
                    "files (one text each), or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples,
+    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples, metavar="K",
                    help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
-    advanced = p.add_argument_group("advanced (the defaults are the measured ones)")
+    advanced = p.advanced_group("advanced (the defaults are the measured ones)")
     advanced.add_argument("--estimator", choices=estimators, default=estimators[0],
                           help="time: t ~ U antithetic, weight 1/t (Eq. 11); count: k ~ U{1..n} masked tokens, weight n/k")
-    p.add_argument("--batch-size", type=data.positive(), default=16,
+    p.add_argument("--batch-size", type=data.positive(), default=16, metavar="N",
                    help="texts per forward pass (as in train.py), each with its K draws; smaller if memory runs out")
     advanced.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                           help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")

@@ -81,7 +81,7 @@ import data
 import diffusion
 from scoring import score_posterior, score_texts
 import cli
-from cli import ArgumentParser, HelpAll, fail, init_distributed, progress, run_cli
+from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve, save_checkpoint
 from model import DiT, DiTConfig, PRESETS, PrecisionError, max_adaptive_head, set_runtime
 from ngram import CountsLM
@@ -237,12 +237,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def build_parser(every_flag: bool = False) -> ArgumentParser:
-    """train.py's flags. --help shows the common ones; the advanced ones (their defaults are the
-    measured recipe's) are parsed either way and shown by --help-all (every_flag=True)."""
+def parse_args(argv=None) -> TrainConfig:
+    """train.py's command line -> a checked, resolved TrainConfig (a bad flag: a one-line usage error).
+    --help lists the common flags; --help-all the advanced ones too (their defaults: the measured recipe's)."""
     p = ArgumentParser(description=__doc__, usage="%(prog)s --class C --out DIR [options]   (--help-all: every flag)")
-    p.add_argument("--help-all", action=HelpAll, const=lambda: build_parser(every_flag=True),
-                   help="show the advanced flags too, and exit")
     p.add_argument("--class", dest="cls", required=True, metavar="C",
                    help="a class name or index: one model per class (IMDB: neg = 0, pos = 1); 'all': one joint model "
                         "over (label, text); 'none': a base of p(text), labels unread")
@@ -262,9 +260,7 @@ def build_parser(every_flag: bool = False) -> ArgumentParser:
     p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, metavar="N", help="texts per micro-batch")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order, the masks and the labels kept")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    a = p.add_argument_group("advanced (the defaults are the measured recipe's)")
-    def advanced(*flags, help=None, **kwargs):  # hidden from --help, parsed either way
-        a.add_argument(*flags, help=help if every_flag else argparse.SUPPRESS, **kwargs)
+    advanced = p.advanced_group("advanced (the defaults are the measured recipe's)").add_argument
     advanced("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny without one)")
     advanced("--unlabeled", action=argparse.BooleanOptionalAction,
              help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, and "
@@ -303,12 +299,6 @@ def build_parser(every_flag: bool = False) -> ArgumentParser:
              help="--objective atat: the curriculum's largest tilt of the masking rates, in [0, 1) (0: plain masking)")
     advanced("--atat-estimator-weight", type=float, default=DEFAULTS.atat_estimator_weight,
              help="--objective atat: weight of the estimator's regression loss (its gradient never reaches the DiT)")
-    return p
-
-
-def parse_args(argv=None) -> TrainConfig:
-    """train.py's command line -> a checked, resolved TrainConfig (a bad flag: a one-line usage error)."""
-    p = build_parser()
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     try:
         check_config(cfg)

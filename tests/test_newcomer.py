@@ -199,6 +199,10 @@ def test_train_help_fits_a_screen_and_help_all_shows_every_flag():
         assert f"{flag} " in short.stdout
     result = run_script("train.py", "--class", "all", "--out", "o", "--atat-tilt", "2")  # a hidden flag still parses
     assert result.returncode == 2 and "argument --atat-tilt: must be in [0, 1)" in result.stderr
+    for script in ("classify.py", "eval.py"):  # the scoring tools' advanced flags: the estimator, the precision
+        short, full = (run_script(script, flag, env={"COLUMNS": "80"}).stdout for flag in ("--help", "--help-all"))
+        assert "--estimator " not in short and "--precision " not in short and "--help-all" in short, script
+        assert "--estimator " in full and "--precision " in full and "--mc-samples " in short, script
 
 
 def test_output_to_a_file_is_plain_lines(tmp_path, pair):
