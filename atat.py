@@ -90,7 +90,8 @@ class ImportanceEstimator(nn.Module):
         """
         B, L = x0.shape
         if L > self.config.max_length:
-            raise ValueError(f"ImportanceEstimator: input of {L} tokens is longer than max_length={self.config.max_length}")
+            raise ValueError(f"ImportanceEstimator: input of {L} tokens is longer than "
+                             f"max_length={self.config.max_length}")
         h = self.tok(x0) + self.pos(torch.arange(L, device=x0.device))[None]
         padding = None
         if attention_mask is not None:
@@ -128,7 +129,8 @@ def estimator_loss(scores: torch.Tensor, target: torch.Tensor, masked: torch.Ten
 
 
 # ---- the curriculum --------------------------------------------------------------------------
-def curriculum_tilt(step: int, max_steps: int, phases: tuple[float, float] = (0.3, 0.7), strength: float = 0.5) -> float:
+def curriculum_tilt(step: int, max_steps: int, phases: tuple[float, float] = (0.3, 0.7),
+                    strength: float = 0.5) -> float:
     """The tilt lambda at an optimizer step (step = optimizer steps already taken, 0 at the first).
 
     With f = step / max_steps:
@@ -181,9 +183,11 @@ def tilted_move_chance(t: torch.Tensor, scores: torch.Tensor, attention_mask: to
     """
     if not -1 <= tilt <= 1:
         raise ValueError(f"tilted_move_chance: tilt must be in [-1, 1], got {tilt}")
-    if scores.dim() != 2 or t.shape != scores.shape[:1] or (attention_mask is not None and attention_mask.shape != scores.shape):
+    if scores.dim() != 2 or t.shape != scores.shape[:1] or (attention_mask is not None
+                                                            and attention_mask.shape != scores.shape):
         raise ValueError(f"tilted_move_chance: expected t [B], scores [B, L], attention_mask [B, L]; got "
-                         f"{tuple(t.shape)}, {tuple(scores.shape)}, {None if attention_mask is None else tuple(attention_mask.shape)}")
+                         f"{tuple(t.shape)}, {tuple(scores.shape)}, "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)}")
     device = scores.device
     m32 = move_chance(t).float().to(device)  # on t's device, as in diffusion.mask_positions
     real = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
@@ -238,7 +242,8 @@ def mask_with_scores(t: torch.Tensor, scores: torch.Tensor, attention_mask: torc
     Raises ValueError as tilted_move_chance, or if u's shape is not [B, L].
     """
     if u.shape != scores.shape:
-        raise ValueError(f"mask_with_scores: u must have the shape of scores {tuple(scores.shape)}, got {tuple(u.shape)}")
+        raise ValueError(f"mask_with_scores: u must have the shape of scores {tuple(scores.shape)}, "
+                         f"got {tuple(u.shape)}")
     p = tilted_move_chance(t, scores, attention_mask, tilt)
     masked = u.to(p.device) < p
     if attention_mask is not None:

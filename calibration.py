@@ -138,7 +138,8 @@ def read_calibrations(path: Path) -> dict:
     return {saved.get("estimator"): saved} if "temperature" in saved else saved
 
 
-def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draws: int | None = None) -> tuple[float, str]:
+def read_temperature(paths: list[str], estimator: str, mc_samples: int,
+                     max_draws: int | None = None) -> tuple[float, str]:
     """(T, where it came from) from the checkpoints' calibration.json (classify.py --calibrate), which
     holds one fit per scoring key (scoring_key: "posterior", or the NELBO estimator's name);
     T = 1 (uncalibrated) when there is none for `estimator` (that key), or it was fitted for other
@@ -153,11 +154,14 @@ def read_temperature(paths: list[str], estimator: str, mc_samples: int, max_draw
     try:
         temperature, fitted_for = float(saved["temperature"]), saved["checkpoints"]
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); rerun classify.py --calibrate") from None
+        raise CheckpointError(f"{path}: not a calibration file ({type(e).__name__}: {e}); "
+                              "rerun classify.py --calibrate") from None
     if fitted_for != calibration_key(paths) or not temperature > 0:
         return 1.0, f"uncalibrated ({path} was fitted for other checkpoints; run classify.py --calibrate)"
-    same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get("max_draws", mc_samples) == most_draws(mc_samples, max_draws)
-    note = "" if same else f", fitted at K={saved.get('mc_samples')} up to {saved.get('max_draws', saved.get('mc_samples'))} draws"
+    same = estimator == "posterior" or saved.get("mc_samples") == mc_samples and saved.get(
+        "max_draws", mc_samples) == most_draws(mc_samples, max_draws)
+    note = "" if same else (f", fitted at K={saved.get('mc_samples')} up to "
+                            f"{saved.get('max_draws', saved.get('mc_samples'))} draws")
     return temperature, f"T = {temperature:.4g} from {path}{note}"
 
 

@@ -12,10 +12,10 @@ NELBO_c(x) is estimated with K Monte-Carlo draws per text, and the
 *same* draws for every class (common random numbers), so the noise of the estimate largely
 cancels in the comparison. Two estimators: "time" (default; t ~ U antithetic, weight 1/t:
 diffusion.nelbo, Eq. 11) and "count" (k ~ U{1..n} masked tokens, weight n/k:
-diffusion.nelbo_count); docs/draws.md has their measured standard errors. A text longer than model_length is scored whole:
-the NELBOs of its disjoint windows (data.windows) are summed. Sequential scoring (--max-draws,
-scoring.score_sequential) spends the draws where they are needed: rounds of K draws, and a text whose
-margin is already more than --z standard errors from 0 gets no more.
+diffusion.nelbo_count); docs/draws.md has their measured standard errors. A text longer than
+model_length is scored whole: the NELBOs of its disjoint windows (data.windows) are summed. Sequential
+scoring (--max-draws, scoring.score_sequential) spends the draws where they are needed: rounds of K
+draws, and a text whose margin is already more than --z standard errors from 0 gets no more.
 
 From Python (a notebook):
 
@@ -91,7 +91,8 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
     data.check_vocab(cfg0.vocab_size, paths[0])
     if len(paths) == 1:
         if not cfg0.n_classes:
-            base = " (a base of p(text): fine-tune it with train.py --class all --init DIR)" if raw0.get("class_name") == train.BASE else ""
+            base = (" (a base of p(text): fine-tune it with train.py --class all --init DIR)"
+                    if raw0.get("class_name") == train.BASE else "")
             raise CheckpointError(f"{paths[0]}: an unconditional model{base}; give one checkpoint per class, or one "
                                   "joint checkpoint over (label, text) (train.py --class all)")
         names = raw0.get("classes") or [str(c) for c in range(cfg0.n_classes)]
@@ -109,7 +110,8 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
         if raw.get("classes") != raw0.get("classes"):
             raise CheckpointError(f"{p}: trained on classes {raw.get('classes')}, {paths[0]} on {raw0.get('classes')}")
     if "classes" in raw0 and len(raw0["classes"]) != len(paths):
-        raise CheckpointError(f"{paths[0]}: its data has {len(raw0['classes'])} classes ({', '.join(raw0['classes'])}), "
+        raise CheckpointError(f"{paths[0]}: its data has {len(raw0['classes'])} classes "
+                              f"({', '.join(raw0['classes'])}), "
                               f"but {len(paths)} checkpoints were given (one per class, in class order)")
     names = []
     for c, (p, (_, raw)) in enumerate(zip(paths, configs)):
@@ -153,8 +155,9 @@ class DiffusionClassifier:
     """
 
     def __init__(self, models: list | None = None, classes: list[str] | None = None, mc_samples: int = 2, seed: int = 0,
-                 batch_size: int = 16, class_labels: list | None = None, estimator: str = "time", temperature: float = 1.0,
-                 max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo", log_prior=None, *,
+                 batch_size: int = 16, class_labels: list | None = None, estimator: str = "time",
+                 temperature: float = 1.0, max_draws: int | None = None, z: float = 2.0, readout: str = "nelbo",
+                 log_prior=None, *,
                  preset: str = "tiny", max_steps: int | None = None, lr: float | None = None, disc_weight: float = 10.0,
                  eval_every: int | None = None, init: str = "scratch", out: str | None = None):
         """Without models: an unfitted classifier holding fit's hyper-parameters (scikit-learn's convention),
@@ -175,16 +178,20 @@ class DiffusionClassifier:
                              "eval_every": eval_every, "init": init, "out": out}
         self.checkpoint_ = None  # the folder the weights came from (from_checkpoints, fit): what save copies
         if models is None:  # unfitted: fit builds the rest; its scoring settings checked now, not after training
-            if mc_samples < 1 or batch_size < 1 or (max_draws or mc_samples) % mc_samples or not z > 0 or estimator not in ESTIMATORS:
-                raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
-                                 f"multiple of mc_samples, z {z} > 0, estimator one of {', '.join(ESTIMATORS)}")
-            self.mc_samples, self.seed, self.batch_size, self.z, self.max_draws = mc_samples, seed, batch_size, z, max_draws
+            if (mc_samples < 1 or batch_size < 1 or (max_draws or mc_samples) % mc_samples or not z > 0
+                    or estimator not in ESTIMATORS):
+                raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, "
+                                 f"max_draws {max_draws} a multiple of mc_samples, z {z} > 0, "
+                                 f"estimator one of {', '.join(ESTIMATORS)}")
+            self.mc_samples, self.seed, self.batch_size = mc_samples, seed, batch_size
+            self.z, self.max_draws = z, max_draws
             self.estimator, self.models = estimator, None
             return
         if readout not in READOUTS or (readout == "posterior" and not models[0].config.n_classes):
             raise ValueError(f"readout {readout!r}: expected one of {', '.join(READOUTS)} (posterior needs a joint "
                              "model over (label, text), train.py --class all)")
-        if mc_samples < 1 or batch_size < 1 or not temperature > 0 or (max_draws or mc_samples) % mc_samples or not z > 0:
+        if (mc_samples < 1 or batch_size < 1 or not temperature > 0 or (max_draws or mc_samples) % mc_samples
+                or not z > 0):
             raise ValueError(f"mc_samples {mc_samples}, batch_size {batch_size} must be >= 1, max_draws {max_draws} a "
                              f"multiple of mc_samples, z {z} and temperature {temperature} > 0")
         if estimator not in ESTIMATORS:
@@ -215,11 +222,13 @@ class DiffusionClassifier:
             raise CheckpointError(f"{paths[0]}: per-class models have no label slot; the posterior readout needs one "
                                   "joint checkpoint (train.py --class all); pass --readout nelbo")
         prior = read_config(Path(paths[0]))[1].get("class_prior")
-        log_prior = None if prior is None else np.log(np.maximum(np.asarray(prior, dtype=np.float64), 1e-12))  # a class never seen
+        # a class never seen in training gets a tiny prior, not log 0
+        log_prior = None if prior is None else np.log(np.maximum(np.asarray(prior, dtype=np.float64), 1e-12))
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        temperature, source = calibration.read_temperature(paths, calibration.scoring_key(readout, estimator), mc_samples, max_draws)
+        temperature, source = calibration.read_temperature(paths, calibration.scoring_key(readout, estimator),
+                                                           mc_samples, max_draws)
         clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z,
                   readout, log_prior)
         clf.temperature_source, clf.checkpoint_ = source, paths
@@ -251,12 +260,15 @@ class DiffusionClassifier:
             raise ValueError(f"labels: {len(labels)} labels for {len(texts)} texts (one per text; None = unlabeled)")
         classes = sorted({str(y) for y in labels if y is not None})
         if len(classes) < 2:
-            raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); a classifier needs two or more")
-        reviews = [data.Review(t, data.UNLABELED if y is None else classes.index(str(y)), i, 0) for i, (t, y) in enumerate(zip(texts, labels))]
+            raise ValueError(f"labels: {len(classes)} class ({', '.join(classes) or 'none'}); "
+                             "a classifier needs two or more")
+        reviews = [data.Review(t, data.UNLABELED if y is None else classes.index(str(y)), i, 0)
+                   for i, (t, y) in enumerate(zip(texts, labels))]
         hp, unlabeled = self.train_params, [r for r in reviews if r.label == data.UNLABELED]
-        given = {"init": hp["init"], "preset": hp["preset"] if hp["init"] == "scratch" else None, "max_steps": hp["max_steps"],
-                 "lr": hp["lr"], "eval_every": hp["eval_every"], "batch_size": self.batch_size, "seed": self.seed,
-                 "disc_weight": hp["disc_weight"], "unlabeled": bool(unlabeled)}
+        given = {"init": hp["init"], "preset": hp["preset"] if hp["init"] == "scratch" else None,
+                 "max_steps": hp["max_steps"], "lr": hp["lr"], "eval_every": hp["eval_every"],
+                 "batch_size": self.batch_size, "seed": self.seed, "disc_weight": hp["disc_weight"],
+                 "unlabeled": bool(unlabeled)}
         cfg = train.TrainConfig(cls="all", out=hp["out"] or tempfile.mkdtemp(prefix="mdlm-fit-"),
                                 **{k: v for k, v in given.items() if v is not None})
         try:
@@ -300,14 +312,16 @@ class DiffusionClassifier:
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
         return self.class_scores_encoded(data.encode(check_texts(texts)))
 
-    def draws(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None) -> np.ndarray:
+    def draws(self, token_lists: list[list[int]], progress: bool = False,
+              index: np.ndarray | None = None) -> np.ndarray:
         """Per-draw NELBOs of texts already encoded (data.encode): float64 [N, C, max_draws] nats, NaN
         after a text's last draw (score_sequential, whose `index` lets texts be scored in slices;
         fixed K when max_draws = mc_samples). Readout "posterior": [N, C, 1], -log p(c | text).
         Raises ValueError for a classifier not fitted."""
         self.check_fitted()
         if self.readout == "posterior":
-            return -score_posterior(self.models[0], token_lists, self.batch_size, self.device, self.log_prior, progress)[:, :, None]
+            return -score_posterior(self.models[0], token_lists, self.batch_size, self.device, self.log_prior,
+                                    progress)[:, :, None]
         return score_sequential(self.models, token_lists, self.mc_samples, self.most_draws(), self.z, self.seed,
                                 self.batch_size, self.device, self.class_labels, self.estimator, progress, index)
 
@@ -327,10 +341,10 @@ class DiffusionClassifier:
 
         A joint model: the NELBO of the text alone, its label slot masked ("label unknown": the
         model's p(text) with the label marginalised out, diffusion.joint_nelbo for an unlabeled
-        text), with `draws` Monte-Carlo draws (default NOVELTY_DRAWS; estimator as set). One model per class: the mixture bound
-        -log sum_c prior_c exp(-NELBO_c(text)) >= -log p(text), since each NELBO_c >= -log p(text | c)
-        (Eq. 11; uniform prior without the checkpoint's class_prior). token_lists: N non-empty lists
-        of GPT-2 ids (data.encode); index: as in draws."""
+        text), with `draws` Monte-Carlo draws (default NOVELTY_DRAWS; estimator as set). One model per
+        class: the mixture bound -log sum_c prior_c exp(-NELBO_c(text)) >= -log p(text), since each
+        NELBO_c >= -log p(text | c) (Eq. 11; uniform prior without the checkpoint's class_prior).
+        token_lists: N non-empty lists of GPT-2 ids (data.encode); index: as in draws."""
         self.check_fitted()
         draws = draws or NOVELTY_DRAWS
         if self.models[0].config.n_classes:
@@ -339,7 +353,8 @@ class DiffusionClassifier:
         else:
             nelbo = score_draws(self.models, token_lists, draws, self.seed, self.batch_size, self.device,
                                 self.class_labels, self.estimator, progress, index).mean(-1)
-            log_prior = np.full(len(self.models), -np.log(len(self.models))) if self.log_prior is None else self.log_prior
+            log_prior = np.full(len(self.models),
+                                -np.log(len(self.models))) if self.log_prior is None else self.log_prior
             nats = -np.logaddexp.reduce(log_prior - nelbo, axis=1)
         return nats / np.array([len(ids) for ids in token_lists])
 
@@ -409,8 +424,10 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
     reviews, data_names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
     val = data.train_val_split(reviews)[1]
     if data_names != clf.classes:
-        raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, the checkpoints' are {', '.join(clf.classes)}")
-    # by default about a minute on a CPU: every held-out text in one pass each (posterior), a few hundred with draws (nelbo)
+        raise data.DataError(f"{args.data}: classes {', '.join(data_names)}, "
+                             f"the checkpoints' are {', '.join(clf.classes)}")
+    # by default about a minute on a CPU: every held-out text in one pass each (posterior),
+    # a few hundred with draws (nelbo)
     default = None if clf.readout == "posterior" else CALIBRATION_TEXTS // len(data_names) * len(data_names)
     if args.limit:
         val = data.balanced_subset(val, args.limit)
@@ -429,7 +446,8 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
         raise data.DataError(f"--calibrate: {e}") from None
     before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
     record = {"temperature": temperature, "checkpoints": calibration.calibration_key(paths), "n_texts": len(val),
-              "accuracy": float(np.mean(scores.argmax(1) == labels)), "estimator": calibration.scoring_key(clf.readout, clf.estimator),
+              "accuracy": float(np.mean(scores.argmax(1) == labels)),
+              "estimator": calibration.scoring_key(clf.readout, clf.estimator),
               "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
     calibration.write_fit(paths, record)
     print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
@@ -448,7 +466,8 @@ def trained_on(paths: list[str]) -> dict:
     limit = train_args.get("labeled_limit")
     counts = [m.get("n_labeled", limit) for m in metas]
     unlabeled = [m.get("n_unlabeled") for m in metas]
-    return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit, "unlabeled": train_args.get("unlabeled"),
+    return {"n_labeled": None if None in counts else sum(counts), "labeled_limit": limit,
+            "unlabeled": train_args.get("unlabeled"),
             "n_unlabeled": None if None in unlabeled else sum(unlabeled), "init": train_args.get("init")}
 
 
@@ -468,7 +487,8 @@ def read_texts(path: str, text_field: str = "text") -> tuple[list[str], list]:
     return [text for _, text in rows], list(range(len(rows)))
 
 
-def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list[list[int]], post: np.ndarray, args) -> tuple[np.ndarray, dict]:
+def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list[list[int]], post: np.ndarray,
+                  args) -> tuple[np.ndarray, dict]:
     """--novelty: the novelty of the scored texts (DiffusionClassifier.novelty), float64 [N] nats/token,
     and its summary; with other_path (--novelty-data) also those texts' novelty and posteriors, and
     the AUROC (calibration.auroc) of telling them from the scored texts by the novelty score and by
@@ -483,8 +503,9 @@ def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list
         summary.update(data=other_path, n_other=len(texts), other_mean_nats_per_token=float(other.mean()),
                        auroc={"novelty": calibration.auroc(novelty, other),
                               "max_posterior": calibration.auroc(-post.max(1), -other_post.max(1))},
-                       other=[{"id": i, "novelty_nats_per_token": round(float(n), 4), "max_posterior": round(float(m), 6),
-                               "n_tokens": len(t)} for i, n, m, t in zip(ids, other, other_post.max(1), other_tokens)])
+                       other=[{"id": i, "novelty_nats_per_token": round(float(n), 4),
+                               "max_posterior": round(float(m), 6), "n_tokens": len(t)}
+                              for i, n, m, t in zip(ids, other, other_post.max(1), other_tokens)])
     return novelty, summary
 
 
@@ -499,15 +520,19 @@ def text_id(review: data.Review, names: list[str], args) -> str | int:
 def parse_args(argv=None):
     """classify.py's command line -> (its parser, for later usage errors; the arguments, with .paths:
     the checkpoint folders in class order)."""
-    p = ArgumentParser(description=__doc__, usage="%(prog)s --ckpt DIR [--ckpt DIR ...] [options]   (--help-all: every flag)")
+    p = ArgumentParser(description=__doc__,
+                       usage="%(prog)s --ckpt DIR [--ckpt DIR ...] [options]   (--help-all: every flag)")
     p.add_argument("--ckpt0", metavar="DIR", help="checkpoint folder of class 0's model (IMDB: neg)")
     p.add_argument("--ckpt1", metavar="DIR", help="checkpoint folder of class 1's model (IMDB: pos)")
     p.add_argument("--ckpt", action="append", default=[], metavar="DIR",
-                   help="one joint checkpoint (train.py --class all), or class checkpoints in class order (repeat for N classes)")
+                   help="one joint checkpoint (train.py --class all), "
+                        "or class checkpoints in class order (repeat for N classes)")
     advanced = add_scoring_args(p, mc_samples=2, estimators=ESTIMATORS)
-    advanced.add_argument("--max-draws", type=data.positive(), help="sequential scoring: a text whose margin is within --z "
+    advanced.add_argument("--max-draws", type=data.positive(),
+                          help="sequential scoring: a text whose margin is within --z "
                           "standard errors of 0 gets more rounds of K draws, up to this many (None: 4 K; K = fixed K)")
-    advanced.add_argument("--z", type=data.positive(float), default=2.0, help="sequential scoring: stop a text once its "
+    advanced.add_argument("--z", type=data.positive(float), default=2.0,
+                          help="sequential scoring: stop a text once its "
                           "margin exceeds z standard errors")
     advanced.add_argument("--novelty-draws", type=data.positive(), default=NOVELTY_DRAWS,
                           help="--novelty: Monte-Carlo draws per text (fewer: faster and noisier)")
@@ -516,23 +541,26 @@ def parse_args(argv=None):
                    "(per-class models' only readout)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the posterior temperature on the training data's held-out validation texts (--limit N of "
-                        f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), store it "
-                        "with the checkpoints (calibration.json) and exit; later runs use it")
+                        f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), "
+                        "store it with the checkpoints (calibration.json) and exit; later runs use it")
     p.add_argument("--novelty", action="store_true",
                    help="also score how unlike the training texts each text is: its NELBO with the label unknown, "
                         "nats/token (DiffusionClassifier.novelty)")
     p.add_argument("--novelty-data", metavar="FILE",
-                   help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, or a folder "
-                        "of .txt): report the AUROC of telling the scored texts from these by novelty and by max posterior "
-                        "(implies --novelty)")
-    p.add_argument("--json", metavar="FILE", help="write the summary and one row per text (id, text, label, prediction, "
+                   help="texts of another kind (a .jsonl/.csv dataset, labels ignored; or one text per line, "
+                        "or a folder of .txt): report the AUROC of telling the scored texts from these by novelty "
+                        "and by max posterior (implies --novelty)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the summary and one row per text (id, text, label, prediction, "
                    "posterior, scores) here")
     args = p.parse_args(argv)
     args.paths = [x for x in (args.ckpt0, args.ckpt1) if x] + args.ckpt
     if not args.paths:
-        p.error("give one joint checkpoint (--ckpt DIR) or one per class (--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
+        p.error("give one joint checkpoint (--ckpt DIR) or one per class "
+                "(--ckpt0 A --ckpt1 B, or --ckpt A --ckpt B ...)")
     if args.input and (args.limit or args.test_data):  # they pick labeled texts; --input's are all scored
-        p.error(f"argument --input: scores every text of {args.input}; --limit and --test-data select labeled texts instead")
+        p.error(f"argument --input: scores every text of {args.input}; "
+                "--limit and --test-data select labeled texts instead")
     if args.max_draws and args.max_draws % args.mc_samples:
         p.error(f"argument --max-draws: {args.max_draws} is not a multiple of --mc-samples {args.mc_samples}")
     return p, args
@@ -578,8 +606,9 @@ def score_in_slices(clf: DiffusionClassifier, tokens: list[list[int]], args, ran
 @dataclasses.dataclass
 class Scored:
     """The scored texts, in input order, and what the CLI reports of each: scores float64 [N, C] nats
-    (DiffusionClassifier.class_scores: the class NELBOs, or -log p(c | text) under the posterior readout), post [N, C] (temperature applied),
-    pred long [N], margin and margin_se [N] (scoring.paired_margin), n_draws [N], novelty [N] or None."""
+    (DiffusionClassifier.class_scores: the class NELBOs, or -log p(c | text) under the posterior
+    readout), post [N, C] (temperature applied), pred long [N], margin and margin_se [N]
+    (scoring.paired_margin), n_draws [N], novelty [N] or None."""
     texts: list
     ids: list
     tokens: list
@@ -621,14 +650,16 @@ def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: 
                               "calibrated": calibration.summary(-s.scores, s.labels, clf.temperature)}
     if clf.readout == "nelbo":  # the evidence behind the confusion matrix
         summary["nats_per_token"] = {names[c]: {names[m]: float(s.scores[s.labels == c, m].sum() / sum(
-            len(s.tokens[i]) for i in np.flatnonzero(s.labels == c))) for m in range(len(names))} for c in np.unique(s.labels)}
+            len(s.tokens[i]) for i in np.flatnonzero(s.labels == c))) for m in range(len(names))}
+            for c in np.unique(s.labels)}
     return summary
 
 
 def print_rows(s: Scored, summary: dict, names: list[str]) -> None:
     """--input: one tab-separated line per text (id, class, its posterior, novelty, the text's start)."""
     print(f"{len(s.texts)} texts from --input {summary['input']}; {summary['windowed_texts']} longer than "
-          f"{summary['max_len']} tokens scored whole in windows; posteriors {summary['temperature_source']}", file=sys.stderr)
+          f"{summary['max_len']} tokens scored whole in windows; posteriors {summary['temperature_source']}",
+          file=sys.stderr)
     print("id\tclass\tposterior\t" + ("" if s.novelty is None else "novelty (nats/token)\t") + "text")
     for n, (i, c, pr, text) in enumerate(zip(s.ids, s.pred, s.post, s.texts)):
         score = "" if s.novelty is None else f"{s.novelty[n]:.4f}\t"
@@ -644,13 +675,14 @@ def print_report(summary: dict, args) -> None:
     elif summary["max_draws"] == args.mc_samples:
         draws_note = f"K={args.mc_samples} ({args.estimator})"
     else:
-        draws_note = (f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to {summary['max_draws']}, "
-                      f"z={args.z:g}) ({args.estimator})")
+        draws_note = (f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to "
+                      f"{summary['max_draws']}, z={args.z:g}) ({args.estimator})")
     n, total = summary["n_texts"], summary["n_texts_asked"]
     scope = f"{n} texts" + (f" (PARTIAL: a random {n} of {total})" if summary["partial"] else "")
     print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} "
           f"({args.test_data or f'{args.split} split'}), {draws_note}, {summary['texts_per_s']:.1f} texts/s on "
-          f"{summary['device']}; {summary['windowed_texts']} texts longer than {summary['max_len']} tokens scored in windows")
+          f"{summary['device']}; {summary['windowed_texts']} texts longer than {summary['max_len']} tokens "
+          "scored in windows")
     print("confusion matrix (rows true, columns predicted): " + ", ".join(names))
     for c, row in enumerate(summary["confusion_matrix"]):
         print(f"  {names[c]:>8} " + " ".join(f"{v:6d}" for v in row))
@@ -666,7 +698,8 @@ def print_report(summary: dict, args) -> None:
 
 def print_novelty(novelty: dict, n_texts: int, other_path: str | None) -> None:
     """--novelty: the mean novelty, and with --novelty-data the other texts' and both AUROCs."""
-    line = f"novelty (NELBO with the label unknown, nats/token): mean {novelty['mean_nats_per_token']:.4f} over the {n_texts} texts"
+    line = (f"novelty (NELBO with the label unknown, nats/token): mean {novelty['mean_nats_per_token']:.4f} "
+            f"over the {n_texts} texts")
     if other_path:
         auc = novelty["auroc"]
         line += (f"; {novelty['n_other']} texts of --novelty-data {other_path}: mean "
@@ -730,7 +763,8 @@ def run(argv=None):
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
     if summary["partial"]:
         done = len(scored.texts)
-        written = f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} (marked partial)"
+        written = (f"; the {done} texts scored so far are above{' and in ' + args.json if args.json else ''} "
+                   "(marked partial)")
         fail(f"interrupted after {done} of {len(texts)} texts{written}", 130)
 
 

@@ -29,8 +29,10 @@ def short_description(doc: str, prog: str) -> str:
     """--help's description from a module docstring: its first line and its example commands (the
     indented `python ...` / `torchrun ...` lines); the prose stays in the file, where it is read."""
     lines = doc.strip().splitlines()
-    examples = [line for line in lines if line.lstrip().startswith(("python ", "torchrun ")) and line.startswith("    ")]
-    return "\n".join([lines[0], "", *examples, "", f"How it works: the docstring at the top of {prog}; docs/design.md."])
+    examples = [line for line in lines
+                if line.lstrip().startswith(("python ", "torchrun ")) and line.startswith("    ")]
+    return "\n".join([lines[0], "", *examples, "",
+                      f"How it works: the docstring at the top of {prog}; docs/design.md."])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -130,15 +132,19 @@ def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple):
     Returns the "advanced" argument group, for the tool's own rarely needed flags."""
     data.add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--test-data", metavar="PATH", help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
-    p.add_argument("--limit", type=data.positive(), metavar="N", help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
-    p.add_argument("--input", metavar="PATH", help="score your own texts instead: a file with one text per line, a folder of .txt "
+    p.add_argument("--test-data", metavar="PATH",
+                   help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
+    p.add_argument("--limit", type=data.positive(), metavar="N",
+                   help="score a balanced, seeded subset of this many texts (IMDB: 1000 = subset C)")
+    p.add_argument("--input", metavar="PATH",
+                   help="score your own texts instead: a file with one text per line, a folder of .txt "
                    "files (one text each), or - for stdin")
     p.add_argument("--mc-samples", type=data.positive(), default=mc_samples, metavar="K",
                    help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
     advanced = p.advanced_group("advanced (the defaults are the measured ones)")
     advanced.add_argument("--estimator", choices=estimators, default=estimators[0],
-                          help="time: t ~ U antithetic, weight 1/t (Eq. 11); count: k ~ U{1..n} masked tokens, weight n/k")
+                          help="time: t ~ U antithetic, weight 1/t (Eq. 11); "
+                          "count: k ~ U{1..n} masked tokens, weight n/k")
     p.add_argument("--batch-size", type=data.positive(), default=16, metavar="N",
                    help="texts per forward pass (as in train.py), each with its K draws; smaller if memory runs out")
     advanced.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
@@ -193,7 +199,8 @@ class _LogLines:
         if self.n >= self.next or self.n == self.total:
             self.next = self.n + self.every
             seconds = time.perf_counter() - self.start
-            print(f"{self.desc}: {self.unit} {self.n}/{self.total}, {seconds:.0f} s{self.postfix}", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.unit} {self.n}/{self.total}, {seconds:.0f} s{self.postfix}",
+                  file=sys.stderr, flush=True)
 
     def set_postfix(self, **values):
         self.postfix = "".join(f", {k} {v}" for k, v in values.items())

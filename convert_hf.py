@@ -51,7 +51,8 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
         if f.name not in raw and f.name not in OPTIONAL_FIELDS:
             raise CheckpointError(f"{path}: missing field '{f.name}'")
         value, kind = raw.get(f.name, OPTIONAL_FIELDS.get(f.name)), f.type
-        ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float))
+                                                            and not isinstance(value, bool)
                                                             and (kind is float or isinstance(value, int)))
         if not ok:
             raise CheckpointError(f"{path}: field '{f.name}' should be {kind.__name__}, got {value!r}")
@@ -61,9 +62,11 @@ def read_config(folder: Path) -> tuple[DiTConfig, dict]:
         fields[f.name] = kind(value)
     cfg = DiTConfig(**fields)
     if cfg.hidden_dim % cfg.n_heads or cfg.hidden_dim // cfg.n_heads % 2:
-        raise CheckpointError(f"{path}: hidden_dim {cfg.hidden_dim} should split into n_heads {cfg.n_heads} heads of even size (rotary)")
+        raise CheckpointError(f"{path}: hidden_dim {cfg.hidden_dim} should split into n_heads {cfg.n_heads} "
+                              "heads of even size (rotary)")
     if cfg.adaptive_head and not cfg.adaptive_head <= max_adaptive_head(cfg.vocab_size):
-        raise CheckpointError(f"{path}: field 'adaptive_head' {cfg.adaptive_head}: 4 x it must be below the {cfg.vocab_size - 1} real tokens")
+        raise CheckpointError(f"{path}: field 'adaptive_head' {cfg.adaptive_head}: "
+                              f"4 x it must be below the {cfg.vocab_size - 1} real tokens")
     if not 0 <= cfg.dropout < 1:
         raise CheckpointError(f"{path}: field 'dropout' should be in [0, 1), got {cfg.dropout}")
     return cfg, raw
@@ -85,7 +88,8 @@ def check_state_dict(tensors: dict, model: DiT, source: str) -> dict:
              for k, v in mapped.items() if v.shape != expected[k].shape]
     not_finite = [PREFIX + k for k, v in mapped.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("NaN or inf in", not_finite)] if keys]
+                [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                 ("NaN or inf in", not_finite)] if keys]
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     inv_freq = "rotary_emb.inv_freq"
@@ -108,7 +112,8 @@ def resolve(path_or_repo_id: str) -> Path:
     if os.path.isdir(path_or_repo_id):
         return Path(path_or_repo_id)
     if os.path.exists(path_or_repo_id):
-        raise CheckpointError(f"{path_or_repo_id}: a file; expected a checkpoint folder ({CONFIG} + {WEIGHTS}) or a hub repo id")
+        raise CheckpointError(f"{path_or_repo_id}: a file; "
+                              f"expected a checkpoint folder ({CONFIG} + {WEIGHTS}) or a hub repo id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
     try:
@@ -117,7 +122,8 @@ def resolve(path_or_repo_id: str) -> Path:
         raise CheckpointError(f"{path_or_repo_id}: no such checkpoint folder") from None
     except LocalEntryNotFoundError:  # no network (or HF_HUB_OFFLINE=1) and not in the local hub cache
         raise CheckpointError(
-            f"{path_or_repo_id}: not a folder here, and the Hugging Face hub is unreachable; on a machine with network run "
+            f"{path_or_repo_id}: not a folder here, and the Hugging Face hub is unreachable; "
+            f"on a machine with network run "
             f"`hf download {path_or_repo_id} {CONFIG} {WEIGHTS} --local-dir DIR`, copy DIR here and pass DIR instead "
             f"(train.py --init DIR, convert_hf.py --repo DIR)") from None
     except HfHubHTTPError as e:  # RepositoryNotFoundError, GatedRepoError, a server error

@@ -67,7 +67,8 @@ def imdb_path(path: str | None = None) -> Path:
     path = path or os.environ.get("IMDB_PATH")
     if path:
         if not os.path.exists(path):
-            raise DataError(f"{source} {path}: no such file or folder (expected aclImdb_v1.tar.gz or its extracted folder)")
+            raise DataError(f"{source} {path}: no such file or folder "
+                            "(expected aclImdb_v1.tar.gz or its extracted folder)")
         return Path(path)
     target = Path.home() / ".cache" / "mdlm-classifier" / "aclImdb_v1.tar.gz"
     if not target.exists():
@@ -75,7 +76,8 @@ def imdb_path(path: str | None = None) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(IMDB_URL, str(target))  # writes a temp file, then renames
         except OSError as e:  # URLError, socket errors (offline), a read-only home
-            raise DataError(f"could not download IMDB from {IMDB_URL} ({type(e).__name__}); offline, pass --data or set "
+            raise DataError(f"could not download IMDB from {IMDB_URL} ({type(e).__name__}); "
+                            "offline, pass --data or set "
                             "IMDB_PATH to a local aclImdb_v1.tar.gz") from None
     return target
 
@@ -106,7 +108,8 @@ def load_imdb(split: str, path: str | None = None) -> list[Review]:
             for member in tar:  # one pass over the gzip stream (~6 s for the whole archive)
                 m = REVIEW_PATH.search(member.name)
                 if member.isfile() and m and _split_of(m[1], m[2]) == split:
-                    reviews.append(_review(*m.groups(), decode_utf8(tar.extractfile(member).read(), f"{root}:{member.name}")))
+                    reviews.append(_review(*m.groups(),
+                                           decode_utf8(tar.extractfile(member).read(), f"{root}:{member.name}")))
     else:
         base = root / "aclImdb" if (root / "aclImdb").is_dir() else root
         for file in (base / ("train" if split == "unsup" else split)).glob("*/*.txt"):
@@ -114,7 +117,8 @@ def load_imdb(split: str, path: str | None = None) -> list[Review]:
             if m and _split_of(m[1], m[2]) == split:
                 reviews.append(_review(*m.groups(), decode_utf8(file.read_bytes(), file)))
     if not reviews:
-        raise DataError(f"--data {root}: no {split} reviews found (expected aclImdb/{split}/{{pos,neg}}/<id>_<rating>.txt)")
+        raise DataError(f"--data {root}: no {split} reviews found "
+                        f"(expected aclImdb/{split}/{{pos,neg}}/<id>_<rating>.txt)")
     return sorted(reviews, key=lambda r: (r.label, r.id))
 
 
@@ -147,10 +151,12 @@ def positive(kind=int):
 
 def add_data_args(parser) -> None:
     """The dataset flags every CLI shares: --data, --text-field, --label-field."""
-    parser.add_argument("--data", metavar="PATH", help="aclImdb tarball or folder (default: $IMDB_PATH, else download), "
+    parser.add_argument("--data", metavar="PATH",
+                        help="aclImdb tarball or folder (default: $IMDB_PATH, else download), "
                         "a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
     parser.add_argument("--text-field", default="text", metavar="KEY", help="JSONL key / CSV column holding the text")
-    parser.add_argument("--label-field", default="label", metavar="KEY", help="JSONL key / CSV column holding the label")
+    parser.add_argument("--label-field", default="label", metavar="KEY",
+                        help="JSONL key / CSV column holding the label")
 
 
 def load_dataset(path: str | None, split: str, text_field: str = "text",
@@ -170,7 +176,8 @@ def load_dataset(path: str | None, split: str, text_field: str = "text",
     reviews, names = read_labeled(path, text_field, label_field)
     train, test = train_val_split([r for r in reviews if r.label != UNLABELED], TEST_FRACTION, seed=0)
     if split == "test" and not test:
-        raise DataError(f"{path}: the test split is empty (it holds out {TEST_FRACTION:.0%} of each class, which rounds "
+        raise DataError(f"{path}: the test split is empty "
+                        f"(it holds out {TEST_FRACTION:.0%} of each class, which rounds "
                         "to none for classes this small); pass a separate --test-data")
     return {"train": train, "test": test, "unsup": [r for r in reviews if r.label == UNLABELED]}[split], names
 
@@ -207,7 +214,8 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
         raise DataError(f"{path}: no such file or folder")
     suffix = root.suffix.lower()
     if root.is_file() and suffix not in (".jsonl", ".csv"):
-        raise DataError(f"{path}: expected a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
+        raise DataError(f"{path}: expected a .jsonl or .csv file, "
+                        "or a folder with one sub-folder of .txt files per class")
     try:
         rows = list(_folder_rows(root) if root.is_dir() else jsonl_rows(root, text_field, label_field)
                     if suffix == ".jsonl" else csv_rows(root, text_field, label_field))
@@ -224,7 +232,8 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     if not names:
         raise DataError(f"{path}: no labeled text (every label in field {label_field!r} is empty; set --label-field)")
     index = {name: c for c, name in enumerate(names)}
-    return [Review(text, UNLABELED if label in (None, "") else index[str(label)], i, 0) for i, (_, text, label) in enumerate(rows)], names
+    return [Review(text, UNLABELED if label in (None, "") else index[str(label)], i, 0)
+            for i, (_, text, label) in enumerate(rows)], names
 
 
 def jsonl_rows(path: Path, text_field: str, label_field: str):
@@ -249,7 +258,8 @@ def csv_rows(path: Path, text_field: str, label_field: str | None):
         columns = reader.fieldnames or []
         for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
             if field is not None and field not in columns:
-                raise DataError(f"{path}: no column {field!r} in the header row (columns: {', '.join(columns) or 'none'}); "
+                raise DataError(f"{path}: no column {field!r} in the header row "
+                                f"(columns: {', '.join(columns) or 'none'}); "
                                 f"a CSV's first row names its columns, or set {flag}")
         try:
             for row in reader:
@@ -266,7 +276,8 @@ def _folder_rows(root: Path):
             yield str(file), decode_utf8(file.read_bytes(), file), folder.name
 
 
-def train_val_split(reviews: list[Review], val_fraction: float = 0.05, seed: int = 0) -> tuple[list[Review], list[Review]]:
+def train_val_split(reviews: list[Review], val_fraction: float = 0.05,
+                    seed: int = 0) -> tuple[list[Review], list[Review]]:
     """Hold out a seeded `val_fraction` of every class (for validation NELBO). Returns (train, val)."""
     rng = np.random.default_rng(seed)
     train, val = [], []

@@ -200,8 +200,10 @@ def nelbo_count(model, x0: torch.Tensor, masked: torch.Tensor, attention_mask: t
     time-conditioned model.
     """
     if model.config.time_conditioning:
-        raise ValueError("the count estimator needs a model without time conditioning (its output must not depend on t)")
-    n = torch.full(masked.shape[:1], masked.shape[1], device=masked.device) if attention_mask is None else attention_mask.sum(1)
+        raise ValueError("the count estimator needs a model without time conditioning "
+                         "(its output must not depend on t)")
+    n = torch.full(masked.shape[:1], masked.shape[1],
+                   device=masked.device) if attention_mask is None else attention_mask.sum(1)
     weight = (n / masked.sum(1)).float()
     nll = token_nll(model, x0, masked, torch.zeros_like(weight), attention_mask, class_labels)
     return weighted_sum(nll, masked, weight[:, None])
@@ -217,7 +219,8 @@ def token_nll(model, x0: torch.Tensor, masked: torch.Tensor, sigma_in: torch.Ten
     """
     mask_index = model.config.vocab_size - 1
     xt = torch.where(masked, mask_index, x0)
-    log_p = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels, targets=x0[masked])  # [N]
+    log_p = model(xt, sigma_in, attention_mask, output_mask=masked, class_labels=class_labels,
+                  targets=x0[masked])  # [N]
     return torch.zeros(masked.shape, device=x0.device).masked_scatter(masked, -log_p)
 
 

@@ -45,8 +45,10 @@ class DiTConfig:
     n_heads: int = 12
     dropout: float = 0.1
     time_conditioning: bool = False  # False: the model is always given sigma = 0 (see diffusion.py)
-    n_classes: int = 0               # C > 0: a label slot before the text (C label tokens + a masked label); 0: the Hugging Face layout
-    adaptive_head: int = 0           # S > 0: adaptive-softmax output head, S most frequent tokens in its head; 0: a full Linear (HF)
+    n_classes: int = 0               # C > 0: a label slot before the text (C label tokens + a masked label);
+                                     # 0: the Hugging Face layout
+    adaptive_head: int = 0           # S > 0: adaptive-softmax output head, S most frequent tokens in its head;
+                                     # 0: a full Linear (HF)
 
 
 PRESETS = {
@@ -128,7 +130,8 @@ def set_runtime(model: "DiT", precision: str = "auto", inference: bool = False) 
     if precision not in PRECISIONS:
         raise PrecisionError(f"precision {precision!r}: expected auto, {', '.join(PRECISIONS)}")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise PrecisionError(f"this GPU ({torch.cuda.get_device_name()}) has no bf16; pass --precision fp16 (inference) or fp32")
+        raise PrecisionError(f"this GPU ({torch.cuda.get_device_name()}) has no bf16; "
+                             "pass --precision fp16 (inference) or fp32")
     model.precision = precision
     model.varlen_kernel = flash_attn_varlen_qkvpacked_func if cuda and precision != "fp32" else None
     if inference and precision != "fp32":  # what autocast would cast in every forward: the matmul weights
@@ -150,7 +153,8 @@ def unpad(attention_mask: torch.Tensor | None, batch: int, length: int, device) 
     return attention_mask.flatten().nonzero()[:, 0], cu_seqlens, int(lengths.max())
 
 
-def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None, packing: tuple | None = None, kernel=None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, attention_mask: torch.Tensor | None, packing: tuple | None = None,
+              kernel=None) -> torch.Tensor:
     """Bidirectional softmax attention, scale 1/sqrt(head_dim).
 
     qkv: [B, L, 3, H, D] (rotary already applied to q and k). attention_mask: bool [B, L], True at
@@ -180,18 +184,22 @@ class DiTBlock(nn.Module):
         dim = cfg.hidden_dim
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        # the reference's weight-only LayerNorm, eps 1e-5; in fp32 under autocast: its input, the residual stream, is fp32
+        # the reference's weight-only LayerNorm, eps 1e-5; in fp32 under autocast:
+        # its input, the residual stream, is fp32
         self.norm1 = nn.LayerNorm(dim, bias=False)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
         self.norm2 = nn.LayerNorm(dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(approximate="tanh"), nn.Linear(MLP_RATIO * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(MLP_RATIO * dim, dim))
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * dim)
 
     def forward(self, x, c, cos, sin, attention_mask, packing=None, kernel=None):
         B, L, dim = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_heads, dim // self.n_heads)
+        modulation = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        head_dim = dim // self.n_heads
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_heads, head_dim)
         qk = apply_rotary(qkv[:, :, :2], cos, sin)  # v is not rotated
         qkv = torch.cat([qk, qkv[:, :, 2:]], dim=2)
         h = self.attn_out(attention(qkv, attention_mask, packing, kernel))
@@ -235,7 +243,8 @@ class FinalLayer(nn.Module):
             real = cfg.vocab_size - 1
             if not 0 < cfg.adaptive_head <= max_adaptive_head(cfg.vocab_size):
                 raise ValueError(f"adaptive_head {cfg.adaptive_head}: 4 x it must be below the {real} real tokens")
-            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_dim, real, adaptive_cutoffs(cfg), div_value=4.0, head_bias=True)
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.hidden_dim, real, adaptive_cutoffs(cfg), div_value=4.0,
+                                                          head_bias=True)
             self.register_buffer("token_rank", torch.arange(real))
         else:
             self.linear = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
@@ -252,7 +261,8 @@ class FinalLayer(nn.Module):
         if not hasattr(self, "adaptive"):
             return self.linear(h)
         with torch.autocast(h.device.type, enabled=False):  # fp32: its clusters' log-softmaxes are combined in place
-            log_p = self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float())[:, self.token_rank]  # rank order -> id order
+            rows = h.reshape(-1, h.shape[-1]).float()
+            log_p = self.adaptive.log_prob(rows)[:, self.token_rank]  # rank order -> id order
         log_p = torch.cat([log_p, log_p.new_full((len(log_p), 1), NEG_INFINITY)], -1)
         return log_p.view(*h.shape[:-1], self.vocab_size)
 
@@ -332,7 +342,8 @@ class DiT(nn.Module):
         The blocks and output layer run under autocast to self.precision (set_runtime; fp32 = off).
         """
         if attention_mask is not None:
-            assert attention_mask.dtype == torch.bool, f"attention_mask must be bool (True at real tokens), got {attention_mask.dtype}"
+            assert attention_mask.dtype == torch.bool, ("attention_mask must be bool (True at real tokens), "
+                                                        f"got {attention_mask.dtype}")
         if targets is not None and output_mask is None:
             raise ValueError("targets need output_mask: the positions they are the clean tokens of")
         C = self.config.n_classes

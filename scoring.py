@@ -21,7 +21,8 @@ from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 import diffusion
 
-ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README) and diffusion.nelbo_count
+ESTIMATORS = ("time", "count")  # diffusion.nelbo (the default: the lower measured variance at K = 4 on IMDB, README)
+                                # and diffusion.nelbo_count
 
 
 @torch.inference_mode()
@@ -39,9 +40,9 @@ def score_draws(models: list, token_lists: list[list[int]], k: int, seed: int, b
     draws j. Window w of text i uses the draws of diffusion.draw_seed(seed, index[i], w, stream) for every
     scorer (common random numbers), whatever batch it lands in; index (default 0..N-1) names the
     texts, stream numbers independent sets of K draws (score_sequential's rounds). batch_size counts texts
-    (windows) per forward pass, each with its k draws: a forward holds batch_size x k sequences. Under torchrun each rank scores
-    every world-th batch and the results are summed across ranks. Raises ValueError for an unknown
-    estimator (and, from nelbo_count, for a time-conditioned model).
+    (windows) per forward pass, each with its k draws: a forward holds batch_size x k sequences. Under
+    torchrun each rank scores every world-th batch and the results are summed across ranks. Raises
+    ValueError for an unknown estimator (and, from nelbo_count, for a time-conditioned model).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r}: expected one of {', '.join(ESTIMATORS)}")
@@ -164,9 +165,9 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
     degree of freedom (|margin| > 2 se happens ~30 % of the time for a true tie, not 5 %), so z is
     a stopping threshold whose worth was measured (docs/speed.md), not a guaranteed error rate.
     index: each text's index among all the texts being scored (default 0..N-1): the draws depend on
-    it alone, so texts scored in slices, in any order, get the draws they would get scored at once. Raises ValueError unless max_draws is a multiple of
-    k and z > 0, and ScoringError for a NaN or infinite NELBO (e.g. fp16 overflow), which would
-    otherwise read as a draw not taken.
+    it alone, so texts scored in slices, in any order, get the draws they would get scored at once.
+    Raises ValueError unless max_draws is a multiple of k and z > 0, and ScoringError for a NaN or
+    infinite NELBO (e.g. fp16 overflow), which would otherwise read as a draw not taken.
     """
     if max_draws % k or not z > 0:
         raise ValueError(f"max_draws {max_draws} must be a multiple of k {k}, and z {z} > 0")
@@ -178,7 +179,8 @@ def score_sequential(models: list, token_lists: list[list[int]], k: int, max_dra
                           class_labels, estimator, progress, index=index[active], stream=r)
         if not np.isfinite(new).all():
             bad = int(index[active[np.flatnonzero(~np.isfinite(new).all((1, 2)))[0]]])
-            raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite (at --precision fp16 it can overflow; try fp32)")
+            raise ScoringError(f"text {bad + 1}: a NELBO that is NaN or infinite "
+                               "(at --precision fp16 it can overflow; try fp32)")
         draws[active, :, r * k:(r + 1) * k] = new
         if k == 1 and r == 0:
             continue  # one draw gives no standard error

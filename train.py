@@ -1,8 +1,8 @@
 """Train the MDLMs of a generative classifier: one joint model over (label, text), or one model per class.
 
-    python train.py --class none --out ckpt/base                   # a base of p(text), every unlabeled text (CPU: 25 min)
+    python train.py --class none --out ckpt/base                   # a base of p(text), every text (CPU: 25 min)
     python train.py --class all --init ckpt/base --out ckpt/all    # one model over (label, text), from the base
-    python train.py --class all --out ckpt/all                     # the same from scratch (CPU) or from mdlm-owt-noeos (GPU)
+    python train.py --class all --out ckpt/all                     # from scratch (CPU) or from mdlm-owt-noeos (GPU)
     python train.py --class 0 --init ckpt/base --out ckpt/neg      # one model per class
     python train.py --data my.jsonl --class all --out ckpt/mine    # any labeled dataset (data.py)
     python train.py --class all --init ckpt/base --labeled-limit 500 --out ckpt/few   # 500 labels, the rest unlabeled
@@ -12,10 +12,10 @@ unlabeled text: a base that --init DIR fine-tunes (a joint model gains a fresh l
 other tensors loaded as they are). --class all trains one joint MDLM over (label, text) (model.py,
 n_classes = C: a label slot in front of every sequence). A labeled text's slot holds its label and
 is masked with the text's move_chance(t), like any token, so the model learns p(label | text) at a
-masked slot, p(text | label) under a clamped one, and p(text) under a masked one; an unlabeled text (IMDB's 50,000
-`unsup` reviews; JSONL/CSV rows with an empty label; with --labeled-limit N, every train text
-but N) keeps its slot masked and never scores it; --unlabeled (the default with --labeled-limit)
-trains on them, half of every micro-batch (MicroBatches).
+masked slot, p(text | label) under a clamped one, and p(text) under a masked one; an unlabeled text
+(IMDB's 50,000 `unsup` reviews; JSONL/CSV rows with an empty label; with --labeled-limit N, every
+train text but N) keeps its slot masked and never scores it; --unlabeled (the default with
+--labeled-limit) trains on them, half of every micro-batch (MicroBatches).
 --disc-weight λ adds the cross-entropy of the true label under the one-pass posterior readout
 (step_backward has the formula). A model loaded with --init gets a fresh slot (its text weights
 as loaded). Its validation reports the text's NELBO under its own label and with the label
@@ -36,14 +36,14 @@ in a short text as in a long one), with antithetic t over each micro-batch; vali
 NELBO itself; or (--objective atat) MDLM-ATAT's importance-tilted masking
 with a curriculum (atat.py; its estimator trains beside the DiT, validation stays the plain
 NELBO). AdamW, linear warmup then a constant lr or (--lr-schedule cosine) a cosine decay to 1 %,
-grad-norm clipping at 1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the weights, started from the *loaded* weights, is what gets
-validated, saved as model.safetensors and used by classify.py. Per-class models must be trained
-with identical flags (only --class differs).
+grad-norm clipping at 1, bf16 autocast on CUDA (--precision; model.set_runtime). An EMA of the
+weights, started from the *loaded* weights, is what gets validated, saved as model.safetensors and
+used by classify.py. Per-class models must be trained with identical flags (only --class differs).
 
 Output folder: config.json (model config + training facts), model.safetensors (EMA weights, HF
 layout), train_state.safetensors (raw weights, EMA, the ATAT estimator, AdamW moments and the step:
-all that --resume needs, in one file), log.jsonl (training loss and validation NELBO). Every file is written to a
-temporary name and renamed, so killing the job at any moment leaves the previous checkpoint
+all that --resume needs, in one file), log.jsonl (training loss and validation NELBO). Every file is
+written to a temporary name and renamed, so killing the job at any moment leaves the previous checkpoint
 loadable. SIGINT (Ctrl-C) or SIGTERM: finish the step, save, exit (a second Ctrl-C leaves at once).
 --resume continues exactly: the data order, windows, t, masks and dropout of micro-batch m depend
 only on m and --seed (diffusion.draw_seed), and the lr and the ATAT tilt only on the step and
@@ -82,7 +82,8 @@ import diffusion
 from scoring import score_posterior, score_texts
 import cli
 from cli import ArgumentParser, fail, init_distributed, progress, run_cli
-from convert_hf import CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve, save_checkpoint
+from convert_hf import (CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve,
+                        save_checkpoint)
 from model import DiT, DiTConfig, PRESETS, PrecisionError, max_adaptive_head, set_runtime
 from ngram import CountsLM
 
@@ -91,7 +92,9 @@ FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-
 CPU_RECIPE = {"preset": "tiny", "lr": 1e-3, "max_steps": 800, "base_steps": 4000}  # base_steps: --class none, 25 min
 MAX_STEPS = 1000  # any other start
 BASE = "none"  # --class none: a base model of p(text) on every text, labels unread
-SCHEDULE_CHOICES, PRECISION_CHOICES, OBJECTIVE_CHOICES = ("constant", "cosine"), ("auto", "fp32", "bf16"), ("mdlm", "atat")  # the flags' choices
+SCHEDULE_CHOICES = ("constant", "cosine")  # the choices of --lr-schedule, --precision and --objective
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+OBJECTIVE_CHOICES = ("mdlm", "atat")
 ATAT_HEADS = 4  # the importance estimator's attention heads (MDLM-ATAT's)
 ATAT_ESTIMATOR_LR = 1e-3  # its peak lr, whatever --lr (it follows --lr's warmup and schedule)
 COSINE_FLOOR = 0.01  # --lr-schedule cosine ends at 1 % of the peak lr (MDLM-ATAT's schedule)
@@ -100,14 +103,15 @@ SEEDING = "draw_seed"  # how micro-batch seeds are made (diffusion.draw_seed); r
 BATCHING = "pools"  # how micro-batches are drawn (MicroBatches: labeled and unlabeled texts half and half); the same
 # the flags that fix the trajectory: --resume refuses to change them (--max-steps, --eval-every,
 # --val-reviews and --data, e.g. a moved file, only change when to stop, what to validate, where to read)
-TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps", "ema_decay", "seed",
-              "text_field", "label_field", "disc_weight", "unlabeled", "labeled_limit", "lr_schedule", "objective", "atat_width",
-              "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
+TRAJECTORY = ("cls", "init", "preset", "adaptive_head", "precision", "batch_size", "grad_accum", "lr", "warmup_steps",
+              "ema_decay", "seed", "text_field", "label_field", "disc_weight", "unlabeled", "labeled_limit",
+              "lr_schedule", "objective", "atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight")
 # what a train state written before these flags ran with (None: not known, not compared; such a
 # state trained no ATAT estimator). adaptive_head and precision are stored resolved (the head built,
 # the autocast dtype used), not as given.
 ADDED_LATER = {"disc_weight": 0.0, "unlabeled": True, "adaptive_head": 0, "precision": None, "lr_schedule": "constant",
-               "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt", "atat_estimator_weight"))}
+               "objective": "mdlm", **dict.fromkeys(("atat_width", "atat_layers", "atat_phases", "atat_tilt",
+                                                     "atat_estimator_weight"))}
 
 
 @dataclasses.dataclass
@@ -164,7 +168,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not 0 < value < float("inf"):
             raise ConfigError(name, f"must be > 0, got {value}")
-    choices = {"preset": PRESETS, "lr_schedule": SCHEDULE_CHOICES, "precision": PRECISION_CHOICES, "objective": OBJECTIVE_CHOICES}
+    choices = {"preset": PRESETS, "lr_schedule": SCHEDULE_CHOICES, "precision": PRECISION_CHOICES,
+               "objective": OBJECTIVE_CHOICES}
     for name, allowed in choices.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
             raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -183,8 +188,8 @@ def check_config(cfg: TrainConfig) -> None:
         if not getattr(cfg, name) >= 0:
             raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.cls == BASE and cfg.labeled_limit:
-        raise ConfigError("labeled_limit", "applies to --class all or a class model; --class none trains on every text, "
-                          "labels unread")
+        raise ConfigError("labeled_limit", "applies to --class all or a class model; "
+                          "--class none trains on every text, labels unread")
     if cfg.cls != "all" and cfg.unlabeled:
         raise ConfigError("unlabeled", "applies to --class all (one joint model over (label, text)); " + (
             "--class none trains on every text, unlabeled ones included" if cfg.cls == BASE
@@ -193,13 +198,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("batch_size", "1, but labeled and unlabeled texts share every micro-batch half and half "
                           "(--unlabeled); pass 2 or more")
     if cfg.objective == "atat" and cfg.cls == "all":
-        raise ConfigError("objective", "atat applies to one model per class (--class N); --class all trains the NELBO of (label, text)")
+        raise ConfigError("objective", "atat applies to one model per class (--class N); "
+                          "--class all trains the NELBO of (label, text)")
     if not 0 <= cfg.atat_phases[0] <= cfg.atat_phases[1] <= 1:
         raise ConfigError("atat_phases", f"expected 0 <= EASY_END <= HARD_START <= 1, got {cfg.atat_phases}")
     if not 0 <= cfg.atat_tilt < 1:  # at 1 a row's extreme token would never be masked (weight 1/p unbounded)
         raise ConfigError("atat_tilt", f"must be in [0, 1), got {cfg.atat_tilt}")
     if cfg.atat_width % ATAT_HEADS:
-        raise ConfigError("atat_width", f"must be a multiple of the estimator's {ATAT_HEADS} attention heads, got {cfg.atat_width}")
+        raise ConfigError("atat_width", f"must be a multiple of the estimator's {ATAT_HEADS} attention heads, "
+                          f"got {cfg.atat_width}")
 
 
 def uses_unlabeled(cfg: TrainConfig) -> bool:
@@ -217,7 +224,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         sized = cfg.preset is not None or cfg.adaptive_head is not None  # a model size asks for scratch
         cfg.init = "hf" if torch.cuda.is_available() and not sized else "scratch"
         if talk and not sized:
-            said = f"a GPU is here: fine-tuning {DEFAULT_REPO}" if cfg.init == "hf" else "no GPU here: the CPU recipe from scratch"
+            said = (f"a GPU is here: fine-tuning {DEFAULT_REPO}" if cfg.init == "hf"
+                    else "no GPU here: the CPU recipe from scratch")
             print(f"--init auto: {said} (--init hf|scratch|DIR chooses)", file=sys.stderr)
             talk = False  # one line: the preset below goes without saying
     if cfg.init == "scratch" and cfg.preset is None:
@@ -228,7 +236,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     cfg.unlabeled = uses_unlabeled(cfg)
     recipe = cfg.preset == CPU_RECIPE["preset"] if cfg.init == "scratch" else tiny_checkpoint(cfg.init)
     cfg.lr = cfg.lr or (CPU_RECIPE["lr"] if recipe else SCRATCH_LR if cfg.init == "scratch" else FINETUNE_LR)
-    cfg.max_steps = cfg.max_steps or (CPU_RECIPE["base_steps" if cfg.cls == BASE else "max_steps"] if recipe else MAX_STEPS)
+    cfg.max_steps = cfg.max_steps or (CPU_RECIPE["base_steps" if cfg.cls == BASE else "max_steps"] if recipe
+                                      else MAX_STEPS)
     if cfg.warmup_steps is None:
         cfg.warmup_steps = min(100, cfg.max_steps // 8)
     elif cfg.warmup_steps > cfg.max_steps and rank0:
@@ -257,25 +266,29 @@ def parse_args(argv=None) -> TrainConfig:
                         f"{CPU_RECIPE['max_steps']} for any other tiny model, else {MAX_STEPS})")
     p.add_argument("--lr", type=data.positive(float), help=f"peak lr (default: {CPU_RECIPE['lr']:g} tiny, "
                    f"{SCRATCH_LR:g} small from scratch, {FINETUNE_LR:g} fine-tuning hf)")
-    p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, metavar="N", help="texts per micro-batch")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the data order, the masks and the labels kept")
+    p.add_argument("--batch-size", type=data.positive(), default=DEFAULTS.batch_size, metavar="N",
+                   help="texts per micro-batch")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="seed of the data order, the masks and the labels kept")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     advanced = p.advanced_group("advanced (the defaults are the measured recipe's)").add_argument
-    advanced("--preset", choices=PRESETS, help="model size for --init scratch (default: small on a GPU, tiny without one)")
+    advanced("--preset", choices=PRESETS,
+             help="model size for --init scratch (default: small on a GPU, tiny without one)")
     advanced("--unlabeled", action=argparse.BooleanOptionalAction,
              help="--class all: also train on the unlabeled texts (the data's unlabeled rows, IMDB's unsup split, and "
                   "with --labeled-limit the train texts whose labels it drops), label slot masked, half of every "
                   "micro-batch (default: on with --labeled-limit, else off: with every label they cost labeled steps "
                   "and accuracy, docs/label_token.md)")
-    advanced("--eval-every", type=data.positive(), default=DEFAULTS.eval_every, help="validate and checkpoint every N steps")
+    advanced("--eval-every", type=data.positive(), default=DEFAULTS.eval_every,
+             help="validate and checkpoint every N steps")
     advanced("--val-texts", "--val-reviews", dest="val_texts", type=data.positive(), default=DEFAULTS.val_texts,
              help="held-out texts per class used for validation (64: a few steps' worth of compute per validation)")
     advanced("--disc-weight", type=float, default=DEFAULTS.disc_weight, metavar="λ",
              help="--class all: weight of the label's cross-entropy under the one-pass posterior readout, added to "
                   "the NELBO (0: purely generative)")
     advanced("--adaptive-head", type=int, metavar="S",
-             help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, 0 = a full "
-                  "linear head (default: the preset's)")
+             help="--init scratch: adaptive-softmax output head with the S most frequent tokens in its head, 0 = a "
+                  "full linear head (default: the preset's)")
     advanced("--grad-accum", type=data.positive(),
              help="micro-batches per optimizer step, over all processes (global batch = batch-size x grad-accum texts; "
                   "None: one per process)")
@@ -283,7 +296,8 @@ def parse_args(argv=None) -> TrainConfig:
              help="linear warmup steps (0: none; default 100, or an eighth of --max-steps when that is shorter)")
     advanced("--lr-schedule", choices=SCHEDULE_CHOICES, default=DEFAULTS.lr_schedule,
              help=f"after warmup: constant, or cosine decay to {COSINE_FLOOR:g} x --lr at --max-steps")
-    advanced("--ema-decay", type=float, default=DEFAULTS.ema_decay, help="decay of the EMA of the weights that is saved")
+    advanced("--ema-decay", type=float, default=DEFAULTS.ema_decay,
+             help="decay of the EMA of the weights that is saved")
     advanced("--precision", choices=PRECISION_CHOICES, default=DEFAULTS.precision,
              help="autocast of the blocks and output layer: auto = bf16 on CUDA (as the reference), fp32 on CPU; a GPU "
                   "without bf16 needs fp32 (fp16 training would need loss scaling)")
@@ -291,7 +305,8 @@ def parse_args(argv=None) -> TrainConfig:
              help="mdlm: the NELBO of Eq. 11; atat: MDLM-ATAT's importance-tilted masking with a curriculum (atat.py)")
     advanced("--atat-width", type=data.positive(), default=DEFAULTS.atat_width,
              help="--objective atat: the importance estimator's width")
-    advanced("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers, help="--objective atat: its transformer layers")
+    advanced("--atat-layers", type=data.positive(), default=DEFAULTS.atat_layers,
+             help="--objective atat: its transformer layers")
     advanced("--atat-phases", type=float, nargs=2, default=DEFAULTS.atat_phases, metavar=("EASY_END", "HARD_START"),
              help="--objective atat: the curriculum masks easy tokens more before EASY_END x --max-steps, hard ones "
                   "more after HARD_START x --max-steps, and moves between the two in the middle")
@@ -327,7 +342,8 @@ def class_index(name: str, classes: list[str]) -> int | None:
         return classes.index(name)
     if name.isdigit() and int(name) < len(classes):
         return int(name)
-    raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, an index 0..{len(classes) - 1}, or all")
+    raise data.DataError(f"--class {name}: expected one of {', '.join(classes)}, "
+                         f"an index 0..{len(classes) - 1}, or all")
 
 
 def training_texts(args, reviews: list[data.Review], cls: int | None,
@@ -357,7 +373,8 @@ def training_texts(args, reviews: list[data.Review], cls: int | None,
 def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
     """Each token id's rank by its count in `tokens` (0 = the most frequent; ties by id): long
     [n_tokens], a permutation of 0..n_tokens-1. The adaptive head puts low ranks in its head cluster."""
-    counts = np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in tokens]), minlength=n_tokens)[:n_tokens]
+    counts = np.bincount(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in tokens]),
+                         minlength=n_tokens)[:n_tokens]
     order = np.argsort(-counts, kind="stable")
     rank = np.empty(n_tokens, dtype=np.int64)
     rank[order] = np.arange(n_tokens)
@@ -374,7 +391,8 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     torch.manual_seed(args.seed)
     if args.init == "scratch":
         cfg = PRESETS[args.preset or "small"]
-        cfg = dataclasses.replace(cfg, n_classes=n_classes, adaptive_head=cfg.adaptive_head if args.adaptive_head is None else args.adaptive_head)
+        cfg = dataclasses.replace(cfg, n_classes=n_classes,
+                                  adaptive_head=cfg.adaptive_head if args.adaptive_head is None else args.adaptive_head)
         model = DiT(cfg)
         if cfg.adaptive_head:
             model.output_layer.token_rank.copy_(frequency_rank(tokens, cfg.vocab_size - 1))
@@ -389,8 +407,8 @@ def init_model(args, n_classes: int, tokens: list[list[int]]) -> DiT:
     fresh = {k: v for k, v in conditional.state_dict().items() if k.startswith("label_")}
     conditional.load_state_dict({**model.state_dict(), **fresh}, strict=True)  # every loaded tensor, plus the slot
     if int(os.environ.get("RANK", 0)) == 0 and not getattr(args, "resume", False):  # said once, not on --resume
-        print(f"--init {args.init}: unconditional; every tensor loaded, plus a fresh label slot for {n_classes} classes: "
-              f"{', '.join(sorted(fresh))}", file=sys.stderr)
+        print(f"--init {args.init}: unconditional; every tensor loaded, plus a fresh label slot for {n_classes} "
+              f"classes: {', '.join(sorted(fresh))}", file=sys.stderr)
     return conditional.eval()
 
 
@@ -568,8 +586,10 @@ def save(args, model, ema, opt, step, meta, estimator=None):
                 state[f"adam.{i}.{k}"] = v
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"]), "seeding": SEEDING, "batching": BATCHING}
-    atomic_write(out / STATE, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p, metadata))
+    metadata = {"step": str(step), "train_args": json.dumps(meta["train_args"]), "seeding": SEEDING,
+                "batching": BATCHING}
+    atomic_write(out / STATE,
+                 lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, p, metadata))
     save_checkpoint(ema.state_dict(), ema.config, out, {**meta, "step": step})
 
 
@@ -602,7 +622,8 @@ def resume(args, model, ema, opt, estimator=None) -> int:
         changed.append(f"--max-steps {saved.get('max_steps')} (now {args.max_steps}; the cosine lr and the ATAT "
                        "curriculum are laid out over it)")
     if changed:
-        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed) + "; these flags must not change")
+        raise CheckpointError(f"--resume: {path} was trained with " + ", ".join(changed)
+                              + "; these flags must not change")
     try:
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
         ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")}, strict=True)
@@ -613,12 +634,14 @@ def resume(args, model, ema, opt, estimator=None) -> int:
     moments = {i: {"step": torch.tensor(float(step)), "exp_avg": state[f"adam.{i}.exp_avg"],
                     "exp_avg_sq": state[f"adam.{i}.exp_avg_sq"]}
                for i in range(sum(len(group["params"]) for group in opt.param_groups)) if f"adam.{i}.exp_avg" in state}
-    # through the optimizer's own loader: it places and casts the moments as its implementation (fused, capturable) needs
+    # through the optimizer's own loader: it places and casts the moments
+    # as its implementation (fused, capturable) needs
     opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
     if seeding != SEEDING and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: {path} was written before diffusion.draw_seed: it continues with other windows, "
               "masks and dropout than its first run would have had", file=sys.stderr)
-    if saved.get("unlabeled") and saved.get("cls") == "all" and batching != BATCHING and int(os.environ.get("RANK", 0)) == 0:
+    if (saved.get("unlabeled") and saved.get("cls") == "all" and batching != BATCHING
+            and int(os.environ.get("RANK", 0)) == 0):
         print(f"warning: {path} was written before labeled and unlabeled texts shared every micro-batch half and half: "
               "it continues with other batches than its first run had", file=sys.stderr)
     return step
@@ -668,8 +691,8 @@ class Run:
     reference: dict = dataclasses.field(default_factory=dict)  # the counts models' nats/token on the val texts
 
     def intact(self) -> str:
-        return (f"the last checkpoint in {self.args.out} (step {self.last_saved}) is intact" if self.last_saved is not None
-                else "no checkpoint was written")
+        return (f"the last checkpoint in {self.args.out} (step {self.last_saved}) is intact"
+                if self.last_saved is not None else "no checkpoint was written")
 
 
 def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
@@ -684,8 +707,8 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     reviews, classes, unsup = texts or (*data.load_dataset(args.data, "train", args.text_field, args.label_field), None)
     cls = class_index(args.cls, classes)
     if len(classes) == 1 and rank == 0:  # trains fine, but nothing can be classified against it
-        print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of at least "
-              "two classes (a model per class, or --class all)", file=sys.stderr)
+        print(f"warning: {args.data or 'the data'}: every label is {classes[0]!r}; a classifier needs texts of "
+              "at least two classes (a model per class, or --class all)", file=sys.stderr)
     train, val = training_texts(args, reviews, cls, unsup)
     base = args.cls == BASE  # p(text) alone: no label slot, validated on every class's held-out texts
     n_classes = len(classes) if cls is None and not base else 0  # --class all: one joint model over (label, text)
@@ -713,23 +736,27 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
     val_set = [v for c in labels for v in [r for r in val if r.label == c][:args.val_texts]]
     val_tokens, val_labels = data.encode([v.text for v in val_set]), np.array([v.label for v in val_set])
     if not val_tokens:
-        raise data.DataError(f"class {name}: too few texts to hold out 5% for validation ({len(tokens)} texts: 5% rounds to none)")
+        raise data.DataError(f"class {name}: too few texts to hold out 5% for validation "
+                             f"({len(tokens)} texts: 5% rounds to none)")
     lengths = [min(len(ids), max_len) for ids in tokens]  # what a batch holds: long texts are cropped
     # the estimator starts from nothing, also when the DiT is fine-tuned at 2e-5: its peak lr is its own
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}] + \
-        ([] if estimator is None else [{"params": list(estimator.parameters()), "lr_scale": ATAT_ESTIMATOR_LR / args.lr}])
+        ([] if estimator is None else [{"params": list(estimator.parameters()),
+                                        "lr_scale": ATAT_ESTIMATOR_LR / args.lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     counts = np.bincount([r.label for r in train if r.label != data.UNLABELED], minlength=len(classes))
     prior = (counts / counts.sum()).tolist() if n_classes else None  # the posterior readout's windows need it
     unlabeled = (text_labels == n_classes).numpy() if n_classes else np.zeros(len(train), dtype=bool)
     meta = {"class_index": cls, "class_name": name, "classes": classes, "class_prior": prior, "tokenizer": "gpt2",
             "n_labeled": int(counts.sum()), "n_unlabeled": sum(r.label == data.UNLABELED for r in train),
-            "mask_index": model.config.vocab_size - 1, "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
+            "mask_index": model.config.vocab_size - 1,
+            "train_args": {k: v for k, v in vars(args).items() if k != "resume"}}
     step = resume(args, model, ema, opt, estimator) if args.resume else 0
     if world > 1:  # gradients averaged over the processes; DDP also broadcasts rank 0's weights once
         # an adaptive head's tail cluster gets no gradient in a micro-batch with no target in it
         device_ids = None if device == "cpu" else [torch.cuda.current_device()]
-        ddp = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=bool(model.config.adaptive_head))
+        ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                      find_unused_parameters=bool(model.config.adaptive_head))
         ddp.config = model.config  # diffusion.nelbo reads it
         # its own process group: two DDP modules reducing in one backward must not share a communicator
         est_ddp = None if estimator is None else DistributedDataParallel(estimator, device_ids=device_ids,
@@ -742,13 +769,15 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
         kind = (f"joint over (label, text), {int(unlabeled.sum())} unlabeled texts" if n_classes
                 else "a base of p(text), labels unread" if base else "one class")
         print(f"class {name} ({len(classes)} classes; {kind}): {len(tokens)} train / {len(val_tokens)} val texts, "
-              f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} (trained on random windows); "
+              f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} "
+              "(trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
     # a NELBO at the unigram's cross-entropy means a model that reads no context (ngram.py)
     counts = CountsLM.fit(tokens)
     reference = {"val_unigram_nats": counts.unigram_nll(val_tokens), "val_bigram_nats": counts.bigram_nll(val_tokens)}
-    return Run(args, rank, world, device, model, ema, opt, estimator, ddp, est_ddp, tokens, text_labels, n_classes, classes,
-               val_tokens, val_labels, prior, meta, MicroBatches(lengths, unlabeled, args.batch_size, args.seed),
+    return Run(args, rank, world, device, model, ema, opt, estimator, ddp, est_ddp, tokens, text_labels, n_classes,
+               classes, val_tokens, val_labels, prior, meta,
+               MicroBatches(lengths, unlabeled, args.batch_size, args.seed),
                step, step if args.resume else None, reference=reference)
 
 
@@ -796,12 +825,14 @@ def optimizer_step(run: Run, stop: list) -> tuple[dict, bool]:
     # the estimator is clipped apart (the DiT's clipping stays the plain objective's), its norm checked too
     est_norm = zero if run.estimator is None else torch.nn.utils.clip_grad_norm_(run.estimator.parameters(), 1.0)
     # one host sync for the step's scalars (the forward's boolean indexing syncs too, on CUDA)
-    loss_sum, stopping, *values, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None], est_norm.double()[None]]).tolist()
+    loss_sum, stopping, *values, grad_norm, est_norm = torch.cat([agreed, grad_norm.double()[None],
+                                                                  est_norm.double()[None]]).tolist()
     extra = dict(zip(names, values))
     if run.estimator is not None:
         extra["estimator_grad_norm"] = est_norm
     if not all(map(math.isfinite, (loss_sum, grad_norm, *extra.values()))):
-        fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}" + "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
+        fail(f"error: loss {loss_sum:.4g}, grad norm {grad_norm:.4g}"
+             + "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
              + f" at step {step + 1}; stopped before the update, {run.intact()}")
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
@@ -822,26 +853,29 @@ def validate(run: Run) -> dict:
     (the posterior, and Bayes rule over the class NELBOs). Exits on a NELBO that is not finite."""
     args, val_tokens, n_classes = run.args, run.val_tokens, run.n_classes
     n_val_tokens = sum(len(ids) for ids in val_tokens)
-    show_bar = run.rank == 0 and sys.stderr.isatty()  # its own progress bar only on a terminal: in a log, the step's line says it all
+    show_bar = run.rank == 0 and sys.stderr.isatty()  # its own progress bar only on a terminal: in a log,
+                                                      # the step's line says it all
     if not n_classes:
         nats = float(score_texts([run.ema], val_tokens, k=2, seed=1, batch_size=args.batch_size, device=run.device,
                                  progress=show_bar).sum() / n_val_tokens)
         record = {"val_nats_per_token": nats}
     else:  # every held-out text under every class and under "no class", with the same draws
-        n = score_texts([run.ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size, device=run.device,
-                        class_labels=list(range(n_classes + 1)), progress=show_bar)
+        n = score_texts([run.ema] * (n_classes + 1), val_tokens, k=2, seed=1, batch_size=args.batch_size,
+                        device=run.device, class_labels=list(range(n_classes + 1)), progress=show_bar)
         own = n[np.arange(len(n)), run.val_labels]
         nats = float(own.sum() / n_val_tokens)
-        log_post = score_posterior(run.ema, val_tokens, args.batch_size, run.device, np.log(np.maximum(run.prior, 1e-12)),
-                                   progress=show_bar)
+        log_post = score_posterior(run.ema, val_tokens, args.batch_size, run.device,
+                                   np.log(np.maximum(run.prior, 1e-12)), progress=show_bar)
         by_nelbo, by_posterior = n[:, :n_classes].argmin(1), log_post.argmax(1)
-        record = {"val_nats_per_token": nats, "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
+        record = {"val_nats_per_token": nats,
+                  "val_nats_per_token_no_class": float(n[:, n_classes].sum() / n_val_tokens),
                   "val_accuracy": float(np.mean(by_nelbo == run.val_labels)),
                   "val_accuracy_posterior": float(np.mean(by_posterior == run.val_labels)),
                   "val_readout_agreement": float(np.mean(by_nelbo == by_posterior))}
         for c in sorted(set(run.val_labels.tolist())):
             inside = run.val_labels == c
-            record[f"val_nats_per_token_{run.classes[c]}"] = float(own[inside].sum() / sum(len(val_tokens[i]) for i in np.flatnonzero(inside)))
+            record[f"val_nats_per_token_{run.classes[c]}"] = float(own[inside].sum() / sum(
+                len(val_tokens[i]) for i in np.flatnonzero(inside)))
     if not math.isfinite(nats):
         fail(f"error: validation NELBO is {nats} at step {run.step}; not saved, {run.intact()}")
     return {**record, "val_ppl_bound": math.exp(nats), **run.reference}
@@ -880,7 +914,8 @@ def preflight(args) -> None:
         try:
             resolve(DEFAULT_REPO if args.init == "hf" else args.init)
         except CheckpointError as e:  # the default's: say what else there is
-            hint = "; or train from scratch: --init scratch (the tiny preset without a GPU)" if args.init == "hf" else ""
+            hint = ("; or train from scratch: --init scratch (the tiny preset without a GPU)" if args.init == "hf"
+                    else "")
             raise CheckpointError(f"{e}{hint}") from None
     checks = [data.get_tokenizer, lambda: data.check_source(args.data)] + ([weights] if args.init != "scratch" else [])
     cli.preflight(checks, (data.DataError, CheckpointError))
