@@ -12,7 +12,10 @@ from conftest import run_script
 from convert_hf import save_checkpoint
 from model import DiT, PRESETS
 
-TOLERANCE = 1e-6  # losses, grad norms, NELBOs (relative and absolute) and weights; measured: weights 7.5e-9 apart, grad norm 1.2e-7 relative
+# losses, grad norms, NELBOs (relative and absolute) and weights. Measured: weights 7.5e-9 apart, grad norm 1.2e-7
+# relative (float32 sums in another order). A bug moves them by far more than 1e-5: gradients averaged once too
+# often halve the grad norm (planted: 2.73 against 1.37), another micro-batch is another gradient.
+TOLERANCE = 1e-5
 
 
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
