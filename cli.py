@@ -42,17 +42,18 @@ class ArgumentParser(argparse.ArgumentParser):
     --help-all shows: --help stays a screen long."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)
+        super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), add_help=False, **kwargs)
         if self.description:
             self.description = short_description(self.description, self.prog)
         self.advanced = None
+        self.add_argument("-h", "--help", action="help", help="show this help message and exit")
+        self.add_argument("--help-all", action=HelpAll, help="show every flag, the advanced ones included, and exit")
 
     def advanced_group(self, title: str):
-        """The argument group of the advanced flags (created once, with --help-all): parsed as any
-        other, listed by --help-all only."""
+        """The argument group of the advanced flags (created once): parsed as any other, listed by
+        --help-all only."""
         if self.advanced is None:
             self.advanced = self.add_argument_group(title)
-            self.add_argument("--help-all", action=HelpAll, help="show the advanced flags too, and exit")
         return self.advanced
 
     def format_help(self, every_flag: bool = False) -> str:
@@ -67,7 +68,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 action.help = text
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hidden = self.advanced and any(flag in message for action in self.advanced._group_actions
+                                       for flag in action.option_strings)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} {'--help-all' if hidden else '--help'})\n")
 
 
 class HelpAll(argparse.Action):

@@ -63,7 +63,7 @@ def test_one_conditional_checkpoint_classifies_the_toy_languages(toy_conditional
     jsonl, ckpt = toy_conditional
     log = [json.loads(line) for line in (ckpt / "log.jsonl").read_text().splitlines()]
     assert 0 <= log[-1]["val_accuracy"] <= 1 and log[0]["val_accuracy"] == pytest.approx(1 / 3)  # 6 texts: no bar here
-    # it learned the languages (measured drops 6.4-6.9 nats/token over training seeds 0-7)
+    # it learned the languages (measured drops 6.6-6.9 nats/token over training seeds 0-7; on two threads 6.4-6.9)
     assert log[-1]["val_nats_per_token"] < log[0]["val_nats_per_token"] - 3
     assert math.isfinite(log[-1]["val_nats_per_token_no_class"])  # validation's NELBO with the label unknown
     # and a text is more likely under its own class than with "no class": by log 3 = 1.10 nats a text
@@ -184,7 +184,7 @@ def test_classify_novelty_data_reports_the_aurocs_and_plot_draws_them(toy_condit
     assert (tmp_path / "png" / "nov_novelty.png").stat().st_size > 1000
 
 
-def test_a_model_scored_as_two_classes_gives_differences_of_exactly_zero():
+def test_a_model_scored_as_two_classes_sees_the_same_draws():
     """Common random numbers: the same model under two class names sees the same draws."""
     model = load_hf(str(FIXTURE))
     texts = [[5, 17, 42, 8, 30, 61], [12, 0, 33, 7], list(range(1, 60))]

@@ -88,7 +88,7 @@ def test_classify_splits_texts_over_processes_and_gathers_them(tree, tmp_path):
     a, b = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("one", "two"))
     assert b["processes"] == 2 and a["confusion_matrix"] == b["confusion_matrix"]
     nelbo_a, nelbo_b = (np.array([t["nelbo"] for t in s["texts"]]) for s in (a, b))
-    assert nelbo_a.shape == (12, 2) and np.abs(nelbo_a - nelbo_b).max() <= TOLERANCE
+    assert nelbo_a.shape == (12, 2) and np.abs(nelbo_a - nelbo_b).max() <= 2e-4  # --json rounds them to 4 decimals
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):

@@ -185,7 +185,7 @@ def test_help_shows_defaults_and_one_meaning_of_batch_size():
         assert help_of(result.stdout, "--batch-size").startswith("texts per"), script
 
 
-def test_train_help_fits_a_screen_and_help_all_shows_every_flag():
+def test_train_help_fits_a_screen_and_help_all_shows_every_flag(tmp_path):
     import dataclasses
     short = run_script("train.py", "--help", env={"COLUMNS": "80"})
     full = run_script("train.py", "--help-all", env={"COLUMNS": "80"})
@@ -197,8 +197,8 @@ def test_train_help_fits_a_screen_and_help_all_shows_every_flag():
     assert "--atat-tilt" not in short.stdout and "--help-all" in short.stdout  # hidden, and the way to see it said
     for flag in ("--class", "--out", "--init", "--data", "--labeled-limit", "--max-steps", "--resume"):
         assert f"{flag} " in short.stdout
-    result = run_script("train.py", "--class", "all", "--out", "o", "--atat-tilt", "2")  # a hidden flag still parses
-    assert result.returncode == 2 and "argument --atat-tilt: must be in [0, 1)" in result.stderr
+    result = run_script("train.py", "--class", "all", "--out", tmp_path / "o", "--atat-tilt", "2")  # a hidden flag parses
+    assert result.returncode == 2 and "argument --atat-tilt: must be in [0, 1), got 2.0 (see train.py --help-all)" in result.stderr
     for script in ("classify.py", "eval.py"):  # the scoring tools' advanced flags: the estimator, the precision
         short, full = (run_script(script, flag, env={"COLUMNS": "80"}).stdout for flag in ("--help", "--help-all"))
         assert "--estimator " not in short and "--precision " not in short and "--help-all" in short, script
