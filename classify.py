@@ -353,8 +353,8 @@ class DiffusionClassifier:
         else:
             nelbo = score_draws(self.models, token_lists, draws, self.seed, self.batch_size, self.device,
                                 self.class_labels, self.estimator, progress, index).mean(-1)
-            log_prior = np.full(len(self.models),
-                                -np.log(len(self.models))) if self.log_prior is None else self.log_prior
+            uniform = np.full(len(self.models), -np.log(len(self.models)))
+            log_prior = uniform if self.log_prior is None else self.log_prior
             nats = -np.logaddexp.reduce(log_prior - nelbo, axis=1)
         return nats / np.array([len(ids) for ids in token_lists])
 

@@ -80,7 +80,7 @@ class HelpAll(argparse.Action):
         super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser._print_message(parser.format_help(every_flag=True), sys.stdout)
+        sys.stdout.write(parser.format_help(every_flag=True))
         parser.exit()
 
 

@@ -74,7 +74,8 @@ def test_one_conditional_checkpoint_classifies_the_toy_languages(toy_conditional
     model, gaps = load_hf(str(ckpt)), []
     for c in range(3):
         tokens = data.encode([r.text for r in test if r.label == c])
-        nelbo = scoring.score_draws([model, model], tokens, 16, 0, 16, "cpu", [c, 3]).mean(-1)  # own class, no class
+        no_class = model.config.n_classes  # the label slot's mask index
+        nelbo = scoring.score_draws([model, model], tokens, 16, 0, 16, "cpu", [c, no_class]).mean(-1)  # own, none
         gaps += list(nelbo[:, 1] - nelbo[:, 0])
     assert np.mean(gaps) > 0.1, gaps
     rows = make_languages(10, seed=7)  # new texts
