@@ -1,6 +1,5 @@
 """Classical baselines on IMDB: bag-of-n-grams classifiers to compare the diffusion classifier with.
 
-    pip install ".[baselines]"                                       # scikit-learn
     python baselines.py --data aclImdb_v1.tar.gz                     # all 25,000 test reviews
     python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --json baselines.json   # subset C
     python baselines.py --data aclImdb_v1.tar.gz --tokens bpe        # the same models on GPT-2 tokens
@@ -14,7 +13,8 @@ one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
 
 - TF-IDF + LR: TfidfVectorizer(min_df=2, sublinear_tf=True), LogisticRegression(liblinear, C=30).
 - NB-LR (Wang & Manning 2012, with LR instead of the SVM): binary counts x scaled by the
-  log-count ratio r (alpha = 1), LogisticRegression(liblinear, C=1) on x * r.
+  log-count ratio r (alpha = 1), LogisticRegression(liblinear, C=1) on x * r: the recipe of
+  nblr.py, the n-gram component train.py fits beside every classifier's MDLM.
 - MNB: counts, MultinomialNB(alpha=1) (a generative classifier, like the diffusion one).
 
 --tokens bpe: the same three models over the diffusion model's own tokens (GPT-2 BPE of the
@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.naive_bayes import MultinomialNB
 from sklearn.pipeline import make_pipeline
 
@@ -46,8 +47,8 @@ import data
 from classify import read_texts
 from cli import ArgumentParser
 from bench import print_table
+from nblr import TOKEN_PATTERN, log_count_ratio
 
-TOKEN_PATTERN = r"(?u)\b\w+(?:'\w+)?\b|[!?]"  # words, words with an inner apostrophe, ! and ?
 
 
 class NBScale(TransformerMixin, BaseEstimator):
@@ -58,10 +59,7 @@ class NBScale(TransformerMixin, BaseEstimator):
         self.alpha = alpha
 
     def fit(self, X, y):
-        y = np.asarray(y)
-        p = self.alpha + np.asarray(X[y == 1].sum(0)).ravel()
-        q = self.alpha + np.asarray(X[y != 1].sum(0)).ravel()
-        self.r_ = np.log(p / p.sum()) - np.log(q / q.sum())
+        self.r_ = log_count_ratio(X.tocsr(), np.asarray(y) == 1, self.alpha)
         return self
 
     def transform(self, X):
@@ -99,17 +97,19 @@ def texts_and_labels(reviews: list[data.Review], tokens: str = "words") -> tuple
     return texts, np.array([r.label for r in reviews])
 
 
-def training_reviews(path: str | None, labeled_limit: int | None = None, seed: int = 0) -> list[data.Review]:
-    """The labeled IMDB texts the baselines train on: all 25,000 train reviews, or (labeled_limit N)
-    the N that train.py --labeled-limit N --seed S keeps (data.labeled_limit on train.py's train
-    part, data.train_val_split). Raises DataError."""
-    train = data.load_imdb("train", path)
+def training_reviews(path: str | None, labeled_limit: int | None = None, seed: int = 0, text_field: str = "text",
+                     label_field: str = "label") -> list[data.Review]:
+    """The labeled texts the baselines train on: the train split of any dataset train.py reads
+    (data.load_dataset: IMDB's 25,000 train reviews; a dataset without splits, all its labeled texts
+    but its held-out test split), or (labeled_limit N) the N that train.py --labeled-limit N --seed S
+    keeps (data.labeled_limit on train.py's train part, data.train_val_split). Raises DataError."""
+    train = data.load_dataset(path, "train", text_field, label_field)[0]
     return data.labeled_limit(data.train_val_split(train)[0], labeled_limit, seed)[0] if labeled_limit else train
 
 
-def main():
+def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--data", help="aclImdb tarball or folder (default: $IMDB_PATH, else download)")
+    data.add_data_args(p)
     p.add_argument("--limit", type=int, help="score a balanced, seeded subset of the test split (1000 = subset C)")
     p.add_argument("--tokens", choices=["words", "bpe"], default="words",
                    help="words: the settings above; bpe: GPT-2 tokens (the diffusion model's), unigrams and uni+bigrams")
@@ -119,10 +119,10 @@ def main():
     p.add_argument("--novelty-data", metavar="FILE", help="texts of another kind: the AUROC of telling them from the "
                    "test texts by one minus each model's max class probability")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
-        train = training_reviews(args.data, args.labeled_limit, args.seed)
-        test = data.load_imdb("test", args.data)
+        train = training_reviews(args.data, args.labeled_limit, args.seed, args.text_field, args.label_field)
+        test, names = data.load_dataset(args.data, "test", args.text_field, args.label_field)
         if args.limit:
             test = data.balanced_subset(test, args.limit)
         x_train, y_train = texts_and_labels(train, args.tokens)
@@ -136,6 +136,8 @@ def main():
 
     results, rows = {}, []
     for name, pipe in baselines(args.tokens, min_df=1 if len(x_train) < 2000 else 2).items():
+        if len(names) > 2 and isinstance(pipe[-1], LogisticRegression):  # liblinear fits two classes: one LR
+            pipe = make_pipeline(pipe[0], OneVsRestClassifier(pipe[1:]))  # per class vs the rest (NB-LR: its own r)
         start = time.perf_counter()
         pipe.fit(x_train, y_train)
         fit_s = time.perf_counter() - start
@@ -144,7 +146,7 @@ def main():
         predict_s = time.perf_counter() - start
         accuracy = float(np.mean(pred == y_test))
         features = len(pipe[0].vocabulary_)
-        cm = np.zeros((2, 2), dtype=int)
+        cm = np.zeros((len(names), len(names)), dtype=int)
         np.add.at(cm, (y_test, pred), 1)  # rows true, columns predicted
         results[name] = {"accuracy": accuracy, "accuracy_ci95": list(calibration.wilson_interval(accuracy, len(y_test))),
                          "confusion_matrix": cm.tolist(), "features": features, "fit_seconds": fit_s, "test_reviews_per_s": len(x_test) / predict_s}
@@ -161,7 +163,7 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps({"n_train": len(x_train), "n_test": len(x_test), "limit": args.limit, "tokens": args.tokens,
                                                "labeled_limit": args.labeled_limit, "seed": args.seed, "novelty_data": args.novelty_data,
-                                               "models": results}, indent=1))
+                                               "classes": names, "models": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
-"""Classification with MDLMs: the one-pass label posterior of a joint model, or Bayes rule over NELBO bounds.
+"""Classification with MDLMs: the one-pass label posterior of a joint model, or Bayes rule over NELBO bounds,
+alone or in an ensemble with an n-gram model.
 
-Two readouts (--readout). "posterior" (the default for a joint checkpoint, train.py --class all):
+The ensemble (--readout ensemble, the default where a checkpoint holds both components): train.py
+fits NB-LR on word uni+bigrams (nblr.py) beside the MDLM, on the same labeled texts, and a text's
+class logits are w_1 log p_MDLM(c | x) + w_2 log p_NB-LR(c | x) + b_c, the weights and biases fitted
+by maximum likelihood on held-out validation texts by --calibrate (calibration.fit_ensemble;
+Mesnil et al. 2014, arXiv 1412.5335: a generative and a bag-of-words model err on different
+texts). The MDLM component is the MDLM's default readout below; --readout ngram is NB-LR alone.
+
+The MDLM's two readouts. "posterior" (a joint checkpoint, train.py --class all):
 the model over (label, text) reads p(c | text) from its denoiser at the masked label slot with the
 text clean, one forward pass per window (diffusion.label_posterior, scoring.score_posterior), no
 Monte-Carlo draws; the score of class c is -log p(c | text). "nelbo" (per-class models, or a joint
@@ -25,8 +33,9 @@ From Python (a notebook):
 
 From the shell:
 
-    python classify.py --ckpt ckpt/all --calibrate                 # fit T on held-out validation texts
-    python classify.py --ckpt ckpt/all --limit 1000 --json out.json            # the posterior readout
+    python classify.py --ckpt ckpt/all --calibrate                 # fit T and the ensemble on held-out texts
+    python classify.py --ckpt ckpt/all --limit 1000 --json out.json            # the ensemble, each component too
+    python classify.py --ckpt ckpt/all --readout posterior --limit 1000        # the MDLM alone
     python classify.py --ckpt ckpt/all --readout nelbo --limit 1000 --mc-samples 4   # Bayes rule over NELBO(text | c)
     python classify.py --ckpt0 ckpt/neg --ckpt1 ckpt/pos --limit 1000   # one model per class
     python classify.py --ckpt ckpt/a --ckpt ckpt/b --ckpt ckpt/c --data my.jsonl     # its held-out test split
@@ -34,8 +43,9 @@ From the shell:
 
 The JSON has one row per text: its id (IMDB: the file in aclImdb; other data: its position; --input:
 its line number or file name), the text, the true and predicted class names, the posterior, the
-NELBO under every class, and the margin (NELBO of the second-best class minus the best's, nats)
-with its paired standard error over the draws. Ctrl-C writes the rows scored so far, marked
+scores (the NELBO under every class, -log p(c | text), or the ensemble's -logits), and the margin
+(the second-best class's score minus the best's, nats) with its paired standard error over the
+draws (NELBO readout); an ensemble's rows also hold each component's log p(c | text). Ctrl-C writes the rows scored so far, marked
 "partial": true, and exits with status 130.
 """
 import dataclasses
@@ -50,10 +60,11 @@ import numpy as np
 import torch
 
 import calibration
-from cli import ArgumentParser, add_scoring_args, fail, init_distributed, preflight, run_cli
+from cli import ArgumentParser, add_scoring_args, checkpoint_data, fail, init_distributed, preflight, run_cli
 from cli import progress as progress_bar  # the flag `progress` turns it on
 import data
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
+from nblr import NBLR, WEIGHTS as NGRAM_WEIGHTS, CONFIG as NGRAM_CONFIG
 from model import PrecisionError, set_runtime
 from scoring import (ESTIMATORS, ScoringError, draws_taken, most_draws, paired_margin, score_draws, score_posterior,
                      score_sequential)
@@ -63,10 +74,14 @@ CALIBRATION_TEXTS = 200  # --calibrate's default for the NELBO readout (IMDB, 2 
 # the novelty score's draws per text: its noise is what blurs in-domain against other (IMDB subset C vs the
 # 7,600 AG News texts: AUROC 0.9375 at 8 draws, 0.9831 at 32; docs/few_labels.md)
 NOVELTY_DRAWS = 32
+MIN_FIT_CALIBRATION = 50  # fit's held-out texts below which it leaves the posteriors uncalibrated (3 weights from
+                          # a handful of texts would be noise; the ensemble is then the product of the two posteriors)
 SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C to keep the results so far
 
 
-READOUTS = ("posterior", "nelbo")  # the one-pass label-slot posterior (joint checkpoints), Bayes rule over class NELBOs
+READOUTS = ("posterior", "nelbo")  # the MDLM's: the one-pass label-slot posterior (joint checkpoints), Bayes rule over NELBOs
+# what a classifier's scores are made of: the ensemble of the MDLM and the n-gram model (nblr.py), or either alone
+COMBINES = ("ensemble", "mdlm", "ngram")
 
 
 def posteriors(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -122,6 +137,21 @@ def load_class_models(paths: list[str], device, precision: str = "auto") -> tupl
             raise CheckpointError(f"{p}: trained for class {raw['class_index']}, but passed as class {c}")
         names.append(raw.get("class_name", str(c)))
     return [set_runtime(load_hf(p).to(device), precision, inference=True) for p in paths], names, None
+
+
+def load_ngram(paths: list[str], classes: list[str]) -> NBLR | None:
+    """The n-gram component of the checkpoints (nblr.NBLR, fitted by train.py on the labeled training
+    texts), or None when they have none. Per-class checkpoints each hold a copy fitted on the same
+    labels: they must be the same file. Raises CheckpointError for an unreadable one (NBLR.load),
+    or copies that differ or are missing from some of the folders."""
+    ngram = NBLR.load(paths[0], classes)
+    digests = {p: calibration.calibration_key([p], ngram=True)[-1] if Path(p, NGRAM_WEIGHTS).is_file() else None
+               for p in paths}
+    for p in paths[1:]:
+        if digests[p] != digests[paths[0]]:
+            raise CheckpointError(f"{p}: its n-gram model ({NGRAM_WEIGHTS}) is not {paths[0]}'s; class models of one "
+                                  "classifier are trained on one label set (the same --labeled-limit and --seed)")
+    return ngram
 
 
 def check_texts(texts) -> list[str]:
@@ -186,6 +216,7 @@ class DiffusionClassifier:
             self.mc_samples, self.seed, self.batch_size = mc_samples, seed, batch_size
             self.z, self.max_draws = z, max_draws
             self.estimator, self.models = estimator, None
+            self.combine, self.ngram, self.components_ = "mdlm", None, {}
             return
         if readout not in READOUTS or (readout == "posterior" and not models[0].config.n_classes):
             raise ValueError(f"readout {readout!r}: expected one of {', '.join(READOUTS)} (posterior needs a joint "
@@ -202,6 +233,8 @@ class DiffusionClassifier:
         self.estimator, self.temperature, self.readout, self.log_prior = estimator, temperature, readout, log_prior
         self.temperature_source = f"T = {temperature:.4g} (given)"  # from_checkpoints: where T was read
         self.device = next(models[0].parameters()).device
+        # the MDLM alone unless from_checkpoints finds an n-gram model (nblr.py) beside it
+        self.combine, self.ngram, self.components_ = "mdlm", None, {}
 
     @classmethod
     def from_checkpoints(cls, paths: list[str] | str, device=None, mc_samples: int = 2, seed: int = 0,
@@ -212,12 +245,24 @@ class DiffusionClassifier:
         calibration.json, at `precision` (model.set_runtime). Raises CheckpointError / DataError as
         load_class_models, CheckpointError for the count estimator on a time-conditioned model, and
         ValueError for a precision this device cannot run. paths: a list, or one folder as a string.
-        readout: None = "posterior" for a joint checkpoint, "nelbo" for per-class models."""
+        readout: "ensemble" (the MDLM and the n-gram model combined, the default where the checkpoints
+        hold both), "ngram" (NB-LR alone), or the MDLM alone: "posterior" (a joint checkpoint's
+        default) or "nelbo" (per-class models'). In the ensemble the MDLM is read with its default.
+        Raises CheckpointError for "ensemble" or "ngram" on checkpoints without an n-gram model."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if readout is not None and readout not in READOUTS + ("ensemble", "ngram"):
+            raise ValueError(f"readout {readout!r}: expected one of ensemble, {', '.join(READOUTS)}, ngram")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         models, classes, class_labels = load_class_models(paths, device, precision)
         joint = bool(models[0].config.n_classes)
-        readout = readout or ("posterior" if joint else "nelbo")
+        ngram = load_ngram(paths, classes)
+        if readout in ("ensemble", "ngram") and ngram is None:
+            raise CheckpointError(f"{paths[0]}: no n-gram model ({NGRAM_WEIGHTS}) for --readout {readout}; "
+                                  "train.py fits one beside the MDLM (retrain, or pass --readout "
+                                  f"{'posterior' if joint else 'nelbo'})")
+        combine = ("ensemble" if ngram is not None else "mdlm") if readout is None else \
+            readout if readout in ("ensemble", "ngram") else "mdlm"
+        readout = readout if readout in READOUTS else ("posterior" if joint else "nelbo")
         if readout == "posterior" and not joint:
             raise CheckpointError(f"{paths[0]}: per-class models have no label slot; the posterior readout needs one "
                                   "joint checkpoint (train.py --class all); pass --readout nelbo")
@@ -227,12 +272,56 @@ class DiffusionClassifier:
         if estimator == "count" and models[0].config.time_conditioning:
             raise CheckpointError(f"{paths[0]}: a time-conditioned model; the count estimator needs one without "
                                   "time conditioning (pass --estimator time)")
-        temperature, source = calibration.read_temperature(paths, calibration.scoring_key(readout, estimator),
-                                                           mc_samples, max_draws)
+        mdlm_key = calibration.scoring_key(readout, estimator)
+        temperature, source = calibration.read_temperature(paths, mdlm_key, mc_samples, max_draws)
         clf = cls(models, classes, mc_samples, seed, batch_size, class_labels, estimator, temperature, max_draws, z,
                   readout, log_prior)
         clf.temperature_source, clf.checkpoint_ = source, paths
+        if ngram is not None:
+            clf.set_ngram(ngram, combine, calibration.read_temperature(paths, "ngram", mc_samples, max_draws),
+                          calibration.read_ensemble(paths, mdlm_key, len(classes), mc_samples, max_draws))
         return clf
+
+    def set_ngram(self, ngram: NBLR, combine: str, ngram_fit: tuple[float, str],
+                  ensemble_fit: tuple[np.ndarray, np.ndarray, str]) -> None:
+        """Add the n-gram component: ngram_fit (its T, where from), ensemble_fit (weights [2], bias [C],
+        where from); combine: what predict_proba reads ("ensemble", "mdlm" or "ngram"). The MDLM's own
+        temperature stays in components_["mdlm"]; .temperature becomes the one of `combine`."""
+        self.ngram, self.combine = ngram, combine
+        self.components_ = {"mdlm": (self.temperature, self.temperature_source), "ngram": ngram_fit}
+        self.ensemble_weights, self.ensemble_bias, ensemble_source = ensemble_fit
+        if combine == "ngram":
+            self.temperature, self.temperature_source = ngram_fit
+        elif combine == "ensemble":  # its fitted weights carry its temperature (calibration.fit_ensemble)
+            self.temperature, self.temperature_source = 1.0, ensemble_source
+
+    @property
+    def readout_name(self) -> str:
+        """What predict_proba reads, as classify.py --readout names it: ensemble, ngram, posterior or nelbo."""
+        return self.readout if self.combine == "mdlm" else self.combine
+
+    def components(self, mdlm_scores: np.ndarray, texts: list[str],
+                   ngram_log_proba: np.ndarray | None = None) -> np.ndarray:
+        """Each component's log-posterior, float64 [N, 2, C]: [:, 0] the MDLM's, log softmax_c(-score_c)
+        (posterior readout: log p(c | text) itself; nelbo: Bayes rule over the NELBOs, uniform prior),
+        [:, 1] the n-gram model's (nblr.NBLR.log_proba, or ngram_log_proba if already computed).
+        mdlm_scores [N, C] nats (class_scores_encoded)."""
+        mdlm = -np.asarray(mdlm_scores, np.float64)
+        ngram = self.ngram.log_proba(texts) if ngram_log_proba is None else ngram_log_proba
+        return np.stack([mdlm - np.logaddexp.reduce(mdlm, axis=1, keepdims=True), ngram], 1)
+
+    def combined_scores(self, mdlm_scores: np.ndarray | None, texts: list[str],
+                        ngram_log_proba: np.ndarray | None = None) -> np.ndarray:
+        """The scores predict_proba reads, float64 [N, C] nats, lower = more probable: the MDLM's
+        (mdlm_scores [N, C], unchanged), the n-gram model's -log p(c | text), or the ensemble's
+        -(w_1 log p_MDLM(c | x) + w_2 log p_NB-LR(c | x) + b_c) (calibration.ensemble_logits).
+        ngram_log_proba: the n-gram model's log p(c | text) if already computed."""
+        if self.combine == "mdlm":
+            return mdlm_scores
+        if self.combine == "ngram":
+            return -(self.ngram.log_proba(texts) if ngram_log_proba is None else ngram_log_proba)
+        features = self.components(mdlm_scores, texts, ngram_log_proba)
+        return -calibration.ensemble_logits(features, self.ensemble_weights, self.ensemble_bias)
 
     def check_fitted(self) -> None:
         """Raise ValueError (scikit-learn's NotFittedError is one) for a classifier with no model yet."""
@@ -248,10 +337,12 @@ class DiffusionClassifier:
 
     def fit(self, texts: list[str], labels: list) -> "DiffusionClassifier":
         """Train one joint model over (label, text) on these texts, in this process, with a progress bar
-        (train.train: the same loop, checkpoints and log as train.py, into `out`), then load it. labels:
-        one per text, any values (their str() are the class names, sorted); None marks an unlabeled
-        text, which trains p(text) (train.py --unlabeled: half of every micro-batch). 5 % of each class
-        is held out for the validation log. Returns self. Raises TypeError for texts that are not a
+        (train.train: the same loop, checkpoints and log as train.py, into `out`; it also fits the n-gram
+        component, nblr.py), then load it. labels: one per text, any values (their str() are the class
+        names, sorted); None marks an unlabeled text, which trains p(text) (train.py --unlabeled: half of
+        every micro-batch). 5 % of each class is held out: for the validation log, and (at least
+        MIN_FIT_CALIBRATION texts) to fit the temperatures and the ensemble's weights (fit_calibrations),
+        so that predict_proba is the calibrated ensemble's posterior. Returns self. Raises TypeError for texts that are not a
         list of strings, ValueError naming the argument for labels of another length, fewer than two
         classes, or hyper-parameters train.py refuses (named as here: max_steps, not --max-steps)."""
         texts = check_texts(texts)
@@ -283,13 +374,18 @@ class DiffusionClassifier:
         fitted = DiffusionClassifier.from_checkpoints(cfg.out, mc_samples=self.mc_samples, seed=self.seed,
                                                       batch_size=self.batch_size, estimator=self.estimator,
                                                       max_draws=self.max_draws, z=self.z)
+        val = data.train_val_split([r for r in reviews if r.label != data.UNLABELED])[1]
+        if len(val) >= MIN_FIT_CALIBRATION:  # the temperatures and the ensemble's weights, on texts never trained on
+            fit_calibrations(fitted, [cfg.out], fitted.class_scores_encoded(data.encode([r.text for r in val])),
+                             [r.text for r in val], np.array([r.label for r in val]))
         params = self.train_params
         self.__dict__.update(fitted.__dict__)
         self.train_params = params
         return self
 
     def save(self, folder: str) -> Path:
-        """Copy the model (config.json, model.safetensors, and calibration.json if fitted) into `folder`,
+        """Copy the model (config.json, model.safetensors, the n-gram model's ngram.json and
+        ngram.safetensors, and calibration.json if fitted) into `folder`,
         a train.py checkpoint folder that from_checkpoints and classify.py --ckpt load. Returns its path.
         Raises ValueError for a classifier that was neither fitted nor loaded from one joint checkpoint."""
         if not self.checkpoint_ or len(self.checkpoint_) != 1:
@@ -299,7 +395,7 @@ class DiffusionClassifier:
         target.mkdir(parents=True, exist_ok=True)
         if source.resolve() == target.resolve():
             return target
-        for name in ("config.json", "model.safetensors"):
+        for name in ("config.json", "model.safetensors") + ((NGRAM_CONFIG, NGRAM_WEIGHTS) if self.ngram else ()):
             shutil.copy2(source / name, target / name)
         if (source / calibration.FILE).is_file():  # keyed by the weights (calibration_key): valid in the copy as it is
             shutil.copy2(source / calibration.FILE, target / calibration.FILE)
@@ -309,8 +405,11 @@ class DiffusionClassifier:
         """The score of every class in nats, float64 [N, C], lower = more probable (predict_proba is
         softmax(-score / T)): NELBO_c(text) (Eq. 11, an upper bound on -log p(text | c)) under readout
         "nelbo", -log p(c | text) under "posterior".
+        Under the ensemble (or "ngram"), the combined scores of combined_scores.
         Raises TypeError for a string instead of a list, DataError for a text with no tokens."""
-        return self.class_scores_encoded(data.encode(check_texts(texts)))
+        texts = check_texts(texts)
+        mdlm = None if self.combine == "ngram" else self.class_scores_encoded(data.encode(texts))
+        return self.combined_scores(mdlm, texts)
 
     def draws(self, token_lists: list[list[int]], progress: bool = False,
               index: np.ndarray | None = None) -> np.ndarray:
@@ -437,22 +536,61 @@ def calibrate(args, clf: DiffusionClassifier, paths: list[str], rank: int = 0) -
         print(f"--calibrate: scoring {len(val)} held-out validation texts ({clf.readout} readout"
               + ("" if args.limit or clf.readout == "posterior" else "; --limit N scores more") + ")", file=sys.stderr)
     labels = np.array([r.label for r in val])
-    scores = -clf.class_scores_encoded(data.encode([r.text for r in val]), progress=True)
+    scores = clf.class_scores_encoded(data.encode([r.text for r in val]), progress=True)
     if rank > 0:
         return
     try:
-        temperature = calibration.fit_temperature(scores, labels)
+        records = fit_calibrations(clf, paths, scores, [r.text for r in val], labels)
     except ValueError as e:
         raise data.DataError(f"--calibrate: {e}") from None
-    before, after = calibration.summary(scores, labels, 1.0), calibration.summary(scores, labels, temperature)
-    record = {"temperature": temperature, "checkpoints": calibration.calibration_key(paths), "n_texts": len(val),
-              "accuracy": float(np.mean(scores.argmax(1) == labels)),
-              "estimator": calibration.scoring_key(clf.readout, clf.estimator),
-              "mc_samples": clf.mc_samples, "max_draws": clf.most_draws(), "before": before, "after": after}
-    calibration.write_fit(paths, record)
-    print(f"temperature {temperature:.4g} fitted on {len(val)} held-out validation texts (accuracy "
-          f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
-          f"ECE {before['ece']:.4f} -> {after['ece']:.4f}; written to {calibration.FILE} in {', '.join(paths)}")
+    for record in records:
+        before, after = record["before"], record["after"]
+        fitted = (f"temperature {record['temperature']:.4g}" if "temperature" in record else
+                  f"ensemble weights {record['weights'][0]:.4g} (MDLM), {record['weights'][1]:.4g} (NB-LR), "
+                  f"bias {', '.join(f'{b:.3g}' for b in record['bias'])}")
+        print(f"{record['estimator']}: {fitted} fitted on {len(val)} held-out validation texts (accuracy "
+              f"{record['accuracy']:.4f}): NLL {before['nll']:.4f} -> {after['nll']:.4f} nats/text, "
+              f"ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+    print(f"written to {calibration.FILE} in {', '.join(paths)}")
+
+
+def fit_calibrations(clf: DiffusionClassifier, paths: list[str], mdlm_scores: np.ndarray, texts: list[str],
+                     labels: np.ndarray) -> list[dict]:
+    """Fit, on held-out labeled texts never trained on, the MDLM's temperature and, where the
+    checkpoints hold an n-gram model, its temperature and the ensemble's weights
+    (calibration.fit_ensemble); write each to calibration.json (calibration.write_fit) under its
+    scoring key, set them on `clf`, and return the records (each with the NLL and ECE before and
+    after). mdlm_scores float [N, C] (class_scores_encoded), labels int [N]. Raises ValueError for
+    fewer than 2 texts."""
+    mdlm_key = calibration.scoring_key(clf.readout, clf.estimator)
+    common = {"n_texts": len(labels), "mc_samples": clf.mc_samples, "max_draws": clf.most_draws()}
+
+    def record(key, logits, fitted, uncalibrated_logits=None):
+        before = calibration.summary(logits if uncalibrated_logits is None else uncalibrated_logits, labels, 1.0)
+        after = calibration.summary(logits, labels, fitted.get("temperature", 1.0))
+        return {**fitted, "checkpoints": calibration.calibration_key(paths, ngram=calibration.uses_ngram(key)),
+                "estimator": key, "accuracy": float(np.mean(logits.argmax(1) == labels)), **common,
+                "before": before, "after": after}
+
+    records = [record(mdlm_key, -mdlm_scores, {"temperature": calibration.fit_temperature(-mdlm_scores, labels)})]
+    if clf.ngram is not None:
+        features = clf.components(mdlm_scores, texts)
+        records.append(record("ngram", features[:, 1], {"temperature": calibration.fit_temperature(features[:, 1],
+                                                                                                   labels)}))
+        weights, bias = calibration.fit_ensemble(features, labels)
+        records.append(record(calibration.ensemble_key(mdlm_key), calibration.ensemble_logits(features, weights, bias),
+                              {"weights": weights.tolist(), "bias": bias.tolist()},
+                              calibration.ensemble_logits(features, np.ones(2), np.zeros(len(clf.classes)))))
+    for r in records:
+        calibration.write_fit(paths, r)
+    temperature = records[0]["temperature"]
+    clf.temperature, clf.temperature_source = temperature, f"T = {temperature:.4g} (fitted)"
+    if clf.ngram is not None:
+        fitted = records[2]["weights"]
+        clf.set_ngram(clf.ngram, clf.combine, (records[1]["temperature"], f"T = {records[1]['temperature']:.4g} (fitted)"),
+                      (np.asarray(fitted), np.asarray(records[2]["bias"]),
+                       f"w = {fitted[0]:.3g} (MDLM), {fitted[1]:.3g} (NB-LR) (fitted)"))
+    return records
 
 
 def trained_on(paths: list[str]) -> dict:
@@ -499,7 +637,9 @@ def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list
         texts, ids = read_texts(other_path, args.text_field)
         other_tokens = data.encode(texts)
         other = clf.novelty(other_tokens, progress=True, draws=args.novelty_draws)
-        other_post = posteriors(np.nanmean(clf.draws(other_tokens, progress=True), -1), clf.temperature)
+        # the same classifier as the scored texts' posteriors: the ensemble's (or NB-LR's) where that is the readout
+        other_mdlm = None if clf.combine == "ngram" else np.nanmean(clf.draws(other_tokens, progress=True), -1)
+        other_post = posteriors(clf.combined_scores(other_mdlm, texts), clf.temperature)
         summary.update(data=other_path, n_other=len(texts), other_mean_nats_per_token=float(other.mean()),
                        auroc={"novelty": calibration.auroc(novelty, other),
                               "max_posterior": calibration.auroc(-post.max(1), -other_post.max(1))},
@@ -536,11 +676,15 @@ def parse_args(argv=None):
                           "margin exceeds z standard errors")
     advanced.add_argument("--novelty-draws", type=data.positive(), default=NOVELTY_DRAWS,
                           help="--novelty: Monte-Carlo draws per text (fewer: faster and noisier)")
-    p.add_argument("--readout", choices=READOUTS, help="posterior: one forward pass per window, p(label | text) at the "
-                   "masked label slot (a joint checkpoint's default); nelbo: Bayes rule over the class NELBOs "
-                   "(per-class models' only readout)")
+    p.add_argument("--readout", choices=("ensemble",) + READOUTS + ("ngram",),
+                   help="ensemble: the MDLM and the n-gram model train.py fits beside it, combined with weights "
+                   "fitted by --calibrate (the default where a checkpoint has both); ngram: NB-LR alone; "
+                   "posterior (the MDLM alone): one forward pass per window, p(label | text) at the masked "
+                   "label slot (a joint checkpoint's); nelbo (the MDLM alone): Bayes rule over the class NELBOs "
+                   "(per-class models')")
     p.add_argument("--calibrate", action="store_true",
-                   help="fit the posterior temperature on the training data's held-out validation texts (--limit N of "
+                   help="fit the posterior temperatures (the MDLM's, the n-gram model's) and the ensemble's weights "
+                        "on the training data's held-out validation texts (--limit N of "
                         f"them; default: all for the posterior readout, {CALIBRATION_TEXTS} for the nelbo readout), "
                         "store it with the checkpoints (calibration.json) and exit; later runs use it")
     p.add_argument("--novelty", action="store_true",
@@ -619,15 +763,28 @@ class Scored:
     margin: np.ndarray
     margin_se: np.ndarray
     n_draws: np.ndarray
+    components: np.ndarray | None = None  # float64 [N, 2, C]: log p_MDLM(c | x), log p_NB-LR(c | x) (an ensemble)
     novelty: np.ndarray | None = None
 
     @classmethod
-    def of(cls, texts, ids, tokens, labels, draws: np.ndarray, kept: np.ndarray, temperature: float) -> "Scored":
-        scores = np.nanmean(draws[kept], -1)
-        post = posteriors(scores, temperature)
-        return cls([texts[i] for i in kept], [ids[i] for i in kept], [tokens[i] for i in kept],
-                   None if labels is None else labels[kept], scores, post, post.argmax(1), *paired_margin(draws[kept]),
-                   draws_taken(draws[kept]))
+    def of(cls, clf: "DiffusionClassifier", texts, ids, tokens, labels, draws: np.ndarray, kept: np.ndarray,
+           ngram_log_proba: np.ndarray | None = None) -> "Scored":
+        """draws: the MDLM's [N, C, D] (score_in_slices; unused under the n-gram readout), kept: the
+        indices scored; ngram_log_proba [N, C]: the n-gram model's log p(c | text), where it has one."""
+        kept_texts = [texts[i] for i in kept]
+        ngram = None if ngram_log_proba is None else ngram_log_proba[kept]
+        mdlm = np.nanmean(draws[kept], -1)
+        scores = clf.combined_scores(mdlm, kept_texts, ngram)
+        post = posteriors(scores, clf.temperature)
+        if clf.combine == "mdlm":
+            margin, margin_se = paired_margin(draws[kept])
+        else:  # the gap of the combined scores; no draws to give it an error
+            ordered = np.sort(scores, 1)
+            margin, margin_se = ordered[:, 1] - ordered[:, 0], np.full(len(kept), np.nan)
+        components = clf.components(mdlm, kept_texts, ngram) if clf.combine == "ensemble" else None
+        return cls(kept_texts, [ids[i] for i in kept], [tokens[i] for i in kept],
+                   None if labels is None else labels[kept], scores, post, post.argmax(1), margin, margin_se,
+                   draws_taken(draws[kept]), components)
 
 
 def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: int, world: int) -> dict:
@@ -637,7 +794,8 @@ def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: 
     names, max_len = clf.classes, clf.models[0].config.model_length
     summary = {"partial": len(s.texts) < total, "n_texts": len(s.texts), "n_texts_asked": total, "classes": names,
                "checkpoints": args.paths, "mc_samples": args.mc_samples, "max_draws": clf.most_draws(), "z": args.z,
-               "mean_draws": float(s.n_draws.mean()), "readout": clf.readout, "estimator": args.estimator,
+               "mean_draws": float(s.n_draws.mean()), "readout": clf.readout_name, "mdlm_readout": clf.readout,
+               "estimator": args.estimator,
                "temperature": clf.temperature, "temperature_source": clf.temperature_source, "seed": args.seed,
                "device": str(clf.device), "processes": world, "seconds": seconds, "texts_per_s": len(s.texts) / seconds,
                "windowed_texts": sum(len(t) > max_len for t in s.tokens), "max_len": max_len,
@@ -646,9 +804,20 @@ def summarise(args, clf: DiffusionClassifier, s: Scored, seconds: float, total: 
         return {**summary, "input": args.input}
     summary.update(data=args.test_data or args.data, split=None if args.test_data else args.split, limit=args.limit)
     summary.update(accuracy_report(s.labels, s.pred, names))
-    summary["calibration"] = {"uncalibrated": calibration.summary(-s.scores, s.labels, 1.0),
+    uncalibrated = -s.scores  # the ensemble's: the plain product of the two posteriors (w = 1, 1; b = 0)
+    if s.components is not None:
+        uncalibrated = calibration.ensemble_logits(s.components, np.ones(2), np.zeros(len(names)))
+        summary["ensemble"] = {"weights": clf.ensemble_weights.tolist(), "bias": clf.ensemble_bias.tolist()}
+        summary["components"] = {}
+        for m, name in enumerate(("mdlm", "ngram")):  # each component alone on the same texts
+            log_p, (temperature, source) = s.components[:, m], clf.components_[name]
+            summary["components"][name] = {
+                **accuracy_report(s.labels, log_p.argmax(1), names), "temperature_source": source,
+                "calibration": {"uncalibrated": calibration.summary(log_p, s.labels, 1.0),
+                                "calibrated": calibration.summary(log_p, s.labels, temperature)}}
+    summary["calibration"] = {"uncalibrated": calibration.summary(uncalibrated, s.labels, 1.0),
                               "calibrated": calibration.summary(-s.scores, s.labels, clf.temperature)}
-    if clf.readout == "nelbo":  # the evidence behind the confusion matrix
+    if clf.readout_name == "nelbo":  # the evidence behind the confusion matrix
         summary["nats_per_token"] = {names[c]: {names[m]: float(s.scores[s.labels == c, m].sum() / sum(
             len(s.tokens[i]) for i in np.flatnonzero(s.labels == c))) for m in range(len(names))}
             for c in np.unique(s.labels)}
@@ -670,13 +839,20 @@ def print_report(summary: dict, args) -> None:
     """Labeled texts: accuracy with its interval, the confusion matrix, precision and recall per
     class, (nelbo readout) nats/token per class, and the posteriors' NLL and ECE before and after T."""
     names, low, high = summary["classes"], *summary["accuracy_ci95"]
-    if summary["readout"] == "posterior":
+    if summary["mdlm_readout"] == "posterior":
         draws_note = "posterior readout (one pass per window)"
     elif summary["max_draws"] == args.mc_samples:
         draws_note = f"K={args.mc_samples} ({args.estimator})"
     else:
         draws_note = (f"{summary['mean_draws']:.2f} draws/text (rounds of {args.mc_samples} up to "
                       f"{summary['max_draws']}, z={args.z:g}) ({args.estimator})")
+    if summary["readout"] == "ngram":
+        draws_note = "ngram readout (NB-LR on word uni+bigrams alone)"
+    elif summary["readout"] == "ensemble":
+        w = summary["ensemble"]["weights"]
+        mdlm_note = draws_note.replace("posterior readout (", "posterior, ").rstrip(")") if \
+            summary["mdlm_readout"] == "posterior" else f"nelbo, {draws_note}"
+        draws_note = f"ensemble readout: {w[0]:.3g} x log p_MDLM ({mdlm_note}) + {w[1]:.3g} x log p_NB-LR"
     n, total = summary["n_texts"], summary["n_texts_asked"]
     scope = f"{n} texts" + (f" (PARTIAL: a random {n} of {total})" if summary["partial"] else "")
     print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}) on {scope} "
@@ -694,6 +870,13 @@ def print_report(summary: dict, args) -> None:
     print(f"posteriors: NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f} nats/text, "
           f"ECE ({calibration.ECE_BINS} bins) {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f}; "
           f"{summary['temperature_source']}")
+    for name, c in summary.get("components", {}).items():  # the ensemble's components alone, on the same texts
+        low, high = c["accuracy_ci95"]
+        cal = c["calibration"]
+        label = f"MDLM ({summary['mdlm_readout']})" if name == "mdlm" else "NB-LR"
+        print(f"  alone, {label}: accuracy {c['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), confusion "
+              + " / ".join(" ".join(map(str, row)) for row in c["confusion_matrix"])
+              + f", ECE {cal['uncalibrated']['ece']:.4f} -> {cal['calibrated']['ece']:.4f} ({c['temperature_source']})")
 
 
 def print_novelty(novelty: dict, n_texts: int, other_path: str | None) -> None:
@@ -709,10 +892,14 @@ def print_novelty(novelty: dict, n_texts: int, other_path: str | None) -> None:
 
 
 def json_rows(s: Scored, names: list[str], readout: str) -> list[dict]:
-    """--json: one record per scored text."""
+    """--json: one record per scored text; an ensemble's also each component's log-posterior."""
+    parts = [{} if s.components is None else {"mdlm_log_posterior": s.components[i, 0].round(4).tolist(),
+                                              "ngram_log_posterior": s.components[i, 1].round(4).tolist()}
+             for i in range(len(s.texts))]
     return [{"id": s.ids[i], "text": s.texts[i], "label": None if s.labels is None else names[s.labels[i]],
              "pred": names[s.pred[i]], "posterior": s.post[i].round(6).tolist(),
-             ("nelbo" if readout == "nelbo" else "neg_log_posterior"): s.scores[i].round(4).tolist(),
+             {"nelbo": "nelbo", "ensemble": "score"}.get(readout, "neg_log_posterior"): s.scores[i].round(4).tolist(),
+             **parts[i],
              "margin": round(float(s.margin[i]), 4),
              "margin_se": None if np.isnan(s.margin_se[i]) else round(float(s.margin_se[i]), 4),
              "draws": int(s.n_draws[i]), "n_tokens": len(s.tokens[i]),
@@ -724,6 +911,8 @@ def run(argv=None):
     """classify.py: parse, check what is needed from outside, load, (--calibrate: fit T and stop),
     read the texts, score them, summarise, print, write --json."""
     p, args = parse_args(argv)
+    if not args.input:  # labeled texts to read: the checkpoint's own training data unless --data says otherwise
+        checkpoint_data(args, args.paths)
     # what this command needs from outside, all checked before any model or data is loaded
     sources = [(args.data, "--data")] if args.calibrate or not (args.input or args.test_data) else []
     sources += [(path, flag) for path, flag in ((args.test_data, "--test-data"), (args.novelty_data, "--novelty-data"))
@@ -743,11 +932,15 @@ def run(argv=None):
     texts, ids, labels = texts_to_score(args, clf.classes)
     tokens = data.encode(texts)
     start = time.perf_counter()
-    draws, kept = score_in_slices(clf, tokens, args, rank, world)
-    seconds = time.perf_counter() - start
+    if clf.combine == "ngram":  # NB-LR alone: the MDLM is not run
+        draws, kept = np.zeros((len(tokens), len(clf.classes), 1)), np.arange(len(tokens))
+    else:
+        draws, kept = score_in_slices(clf, tokens, args, rank, world)
     if rank > 0:  # every rank holds every result (score_draws gathers them); rank 0 reports
         return
-    scored = Scored.of(texts, ids, tokens, labels, draws, kept, clf.temperature)
+    ngram = clf.ngram.log_proba(texts) if clf.combine != "mdlm" else None
+    seconds = time.perf_counter() - start
+    scored = Scored.of(clf, texts, ids, tokens, labels, draws, kept, ngram)
     summary = summarise(args, clf, scored, seconds, len(texts), world)
     if args.novelty or args.novelty_data:
         scored.novelty, summary["novelty"] = score_novelty(clf, args.novelty_data, scored.tokens, scored.post, args)
@@ -759,7 +952,7 @@ def run(argv=None):
     if "novelty" in summary:
         print_novelty(summary["novelty"], len(scored.texts), args.novelty_data)
     if args.json:
-        summary["texts"] = json_rows(scored, clf.classes, clf.readout)
+        summary["texts"] = json_rows(scored, clf.classes, clf.readout_name)
         atomic_write(Path(args.json), lambda f: f.write_text(json.dumps(summary, indent=1)))
     if summary["partial"]:
         done = len(scored.texts)

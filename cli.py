@@ -1,11 +1,13 @@
 """The plumbing that the command-line tools (train.py, classify.py, eval.py) share, and nothing else:
---help that shows defaults, torchrun set-up, one-line failures, and progress that suits a terminal
-or a log file. No model or diffusion maths lives here.
+--help that shows defaults, torchrun set-up, one-line failures, a checkpoint's training data as the
+default --data, and progress that suits a terminal or a log file. No model or diffusion maths lives here.
 """
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,12 +39,14 @@ def short_description(doc: str, prog: str) -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported in one line that points to --help (not a usage block),
-    a description cut to the module docstring's first line and examples (short_description), and
+    a description cut to the module docstring's first line and examples (short_description),
     rarely needed flags in an "advanced" group (advanced_group) that --help leaves out and
-    --help-all shows: --help stays a screen long."""
+    --help-all shows: --help stays a screen long, and no abbreviated flags (allow_abbrev False: a
+    mistyped `--max-step 3` is an error, not --max-steps, and a flag added later changes no command)."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), add_help=False, **kwargs)
+        super().__init__(formatter_class=kwargs.pop("formatter_class", HelpFormatter), add_help=False,
+                         allow_abbrev=kwargs.pop("allow_abbrev", False), **kwargs)
         if self.description:
             self.description = short_description(self.description, self.prog)
         self.advanced = None
@@ -129,11 +133,13 @@ def init_distributed() -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple):
+def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple,
+                     mc_help: str = "K Monte-Carlo draws per text in each round of sequential scoring"):
     """The flags of classify.py and eval.py: which texts to score, and how the NELBO is estimated
-    (mc_samples: the default of --mc-samples; estimators: scoring.ESTIMATORS, the first the default).
-    Returns the "advanced" argument group, for the tool's own rarely needed flags."""
-    data.add_data_args(p)
+    (mc_samples: the default of --mc-samples, mc_help its help: what K is to the tool; estimators:
+    scoring.ESTIMATORS, the first the default). Returns the "advanced" argument group, for the
+    tool's own rarely needed flags."""
+    data.add_data_args(p, from_checkpoint=True)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--test-data", metavar="PATH",
                    help="a separate labeled test set (.jsonl, .csv or class folder): score all of it")
@@ -142,8 +148,7 @@ def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple):
     p.add_argument("--input", metavar="PATH",
                    help="score your own texts instead: a file with one text per line, a folder of .txt "
                    "files (one text each), or - for stdin")
-    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples, metavar="K",
-                   help="K Monte-Carlo draws per text (eval.py), or per round of sequential scoring (classify.py)")
+    p.add_argument("--mc-samples", type=data.positive(), default=mc_samples, metavar="K", help=mc_help)
     advanced = p.advanced_group("advanced (the defaults are the measured ones)")
     advanced.add_argument("--estimator", choices=estimators, default=estimators[0],
                           help="time: t ~ U antithetic, weight 1/t (Eq. 11); "
@@ -154,6 +159,33 @@ def add_scoring_args(p: ArgumentParser, mc_samples: int, estimators: tuple):
                           help="auto: bf16 on CUDA (weights cast once), fp32 on CPU; fp16 for GPUs without bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws")
     return advanced
+
+
+def checkpoint_data(args, paths: list[str]) -> None:
+    """Without --data, the data the first checkpoint of `paths` was trained on: sets args.data, and
+    args.text_field / args.label_field where they are still their defaults, from the train_args that
+    train.py records in its config.json (a --data, --text-field or --label-field given wins). A
+    checkpoint that records no data (trained on IMDB, or a hub model) leaves args as they are: IMDB,
+    $IMDB_PATH; an unreadable config.json too (loading the checkpoint then says what is wrong).
+    Raises data.DataError, naming --data, when the recorded data is no longer there."""
+    config = Path(paths[0], "config.json")
+    if args.data is not None or not config.is_file():
+        return
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8")).get("train_args") or {}
+    except (ValueError, AttributeError):  # not a config: the checkpoint's loader names what is wrong with it
+        return
+    if recorded.get("data") is None:
+        return
+    if not os.path.exists(recorded["data"]):
+        raise data.DataError(f"no --data given, and {paths[0]}'s training data {recorded['data']} is not there: "
+                             "pass --data")
+    args.data = recorded["data"]
+    for field, default in (("text_field", "text"), ("label_field", "label")):
+        if getattr(args, field) == default:
+            setattr(args, field, recorded.get(field, default))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"--data {args.data} (the training data of {paths[0]})", file=sys.stderr)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -149,10 +149,12 @@ def positive(kind=int):
     return parse
 
 
-def add_data_args(parser) -> None:
-    """The dataset flags every CLI shares: --data, --text-field, --label-field."""
+def add_data_args(parser, from_checkpoint: bool = False) -> None:
+    """The dataset flags every CLI shares: --data, --text-field, --label-field (from_checkpoint: the
+    tool's --data defaults to its checkpoint's training data, cli.checkpoint_data; its help says so)."""
+    default = "the checkpoint's training data, else " if from_checkpoint else ""
     parser.add_argument("--data", metavar="PATH",
-                        help="aclImdb tarball or folder (default: $IMDB_PATH, else download), "
+                        help=f"aclImdb tarball or folder (default: {default}$IMDB_PATH, else download), "
                         "a .jsonl or .csv file, or a folder with one sub-folder of .txt files per class")
     parser.add_argument("--text-field", default="text", metavar="KEY", help="JSONL key / CSV column holding the text")
     parser.add_argument("--label-field", default="label", metavar="KEY",

@@ -7,7 +7,8 @@ weighted n/k); every checkpoint sees the same draws (common random numbers). A j
 (train.py --class all) is scored with its label slot masked, i.e. as p(x). Corpus figures are token-weighted: nats/token = sum of NELBOs / sum of tokens; `se` is
 the standard error of that ratio over texts (text sampling and Monte-Carlo noise together).
 
-On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data) each
+On a labeled dataset (IMDB, or any of data.py's: its test split, or all of --test-data; without
+--data, the data the first checkpoint was trained on, cli.checkpoint_data) each
 checkpoint is scored on the texts of each class separately: the "confusion of likelihoods" table,
 rows = the texts' true class, columns = checkpoints. A class model should have its lowest NELBO
 on its own class. With --input, every line of a file (or each .txt file of a folder) is a text. A text longer than a model's
@@ -21,6 +22,7 @@ model_length is scored whole, as the sum of the NELBOs of its disjoint windows (
 0.99 (cross_entropy_by_t), printed beside the unigram and bigram cross-entropies of the same
 texts (ngram.py, counts from the training texts: --data's train split less train.py's validation
 part). A model at the unigram's value at every t reads no context; `plot.py by_t.json` draws it.
+A t that masked no token of the texts (a few short ones) has no cross-entropy: n/a (null in the JSON).
 """
 import json
 import math
@@ -34,7 +36,7 @@ import torch
 import data
 import diffusion
 from classify import labeled_texts, read_input
-from cli import ArgumentParser, add_scoring_args, run_cli
+from cli import ArgumentParser, add_scoring_args, checkpoint_data, run_cli
 from convert_hf import CheckpointError, atomic_write, load_hf, read_config
 from model import PrecisionError, set_runtime
 from ngram import CountsLM
@@ -70,7 +72,8 @@ def cross_entropy_by_t(model, token_lists: list[list[int]], ts, seed: int, batch
     with its label slot masked). No 1/t weight: this is the denoiser's loss at t, the integrand of
     Eq. 11 per masked token. A model that ignores its context scores the unigram entropy at every t;
     one that reads it falls below that as t -> 0. token_lists: N non-empty lists of token ids.
-    Returns [{"t": t, "masked_tokens": int, "nats_per_masked_token": float}] in the order of ts.
+    Returns [{"t": t, "masked_tokens": int, "nats_per_masked_token": float, or None where no token
+    was masked}] in the order of ts.
     """
     pieces = [(i, piece) for i, ids in enumerate(token_lists) for piece in data.windows(ids, model.config.model_length)]
     out = []
@@ -89,7 +92,7 @@ def cross_entropy_by_t(model, token_lists: list[list[int]], ts, seed: int, batch
             nll = diffusion.token_nll(model, x0.to(device), masked.to(device), sigma_in,
                                       None if attention_mask.all() else attention_mask.to(device))
             total, count = total + float(nll.sum()), count + int(masked.sum())
-        out.append({"t": float(t), "masked_tokens": count, "nats_per_masked_token": total / max(count, 1)})
+        out.append({"t": float(t), "masked_tokens": count, "nats_per_masked_token": total / count if count else None})
     return out
 
 
@@ -113,7 +116,8 @@ def load_texts(args) -> tuple[list[str], list[str], list[str]]:
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint folder (repeat to compare several)")
-    add_scoring_args(p, mc_samples=4, estimators=ESTIMATORS)
+    add_scoring_args(p, mc_samples=4, estimators=ESTIMATORS,
+                     mc_help="K Monte-Carlo draws of each text's NELBO, the same for every checkpoint")
     p.add_argument("--by-t", action="store_true", help="also the cross-entropy per masked token on a grid of t, "
                    "beside the unigram and bigram models of the same texts")
     p.add_argument("--json", help="write the table and per-text NELBOs here")
@@ -128,6 +132,8 @@ def main(argv=None):
 
 def run(args):
     names = [checkpoint_name(path) for path in args.ckpt]
+    if not args.test_data and (args.by_t or not args.input):  # --data alone is read: the texts, or --by-t's counts
+        checkpoint_data(args, args.ckpt)
     texts, groups, group_names = load_texts(args)  # table rows: the classes (or input)
     tokens = data.encode(texts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,7 +192,9 @@ def print_by_t(args, names: list[str], tokens: list[list[int]], by_t: list[dict]
     width = max(12, *(len(n) + 2 for n in names))
     print(f"{'t':<10}" + "".join(f"{n:>{width}}" for n in names))
     for t in BY_T:
-        print(f"{t:<10g}" + "".join(f"{r['nats_per_masked_token']:>{width}.4f}" for r in by_t if r["t"] == t))
+        cells = ["n/a" if r["nats_per_masked_token"] is None else f"{r['nats_per_masked_token']:.4f}"
+                 for r in by_t if r["t"] == t]  # n/a: texts so short that this t masked none of their tokens
+        print(f"{t:<10g}" + "".join(f"{c:>{width}}" for c in cells))
     print(f"the same texts: unigram {reference['unigram']:.4f}, bigram {reference['bigram']:.4f} nats/token "
           "(counts from the training texts; a model at the unigram's value reads no context)")
     return reference

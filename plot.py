@@ -34,7 +34,7 @@ import numpy as np
 from cli import ArgumentParser
 
 SMOOTH = 25  # steps in the running mean of the training loss: one step's loss is one batch's, noisy
-BINS = 15  # reliability bins over [1/C, 1], as many as the ECE's (calibration.ECE_BINS)
+BINS = 15  # reliability bins over [1/C, 1], as many as calibration.ECE_BINS (over (0, 1])
 
 
 class InputError(Exception):
@@ -130,23 +130,23 @@ def labeled_posteriors(doc: dict, path: str) -> tuple[np.ndarray, np.ndarray]:
 def reliability(probs: np.ndarray, labels: np.ndarray) -> dict:
     """Per confidence bin (BINS equal-width bins of [1/C, 1], right-closed as calibration.ece's):
     "edges" [BINS + 1], "count", "accuracy" and mean "confidence" [BINS] (NaN where empty), and the
-    "ece" of calibration.ece, over its own "ece_bins" bins of (0, 1]. probs [N, C], labels int [N]."""
-    from calibration import ECE_BINS, ece  # imports torch (seconds): only the reliability diagram needs it
+    "ece" over these same bins, the ones drawn (classify.py's, calibration.ece, bins (0, 1] instead, of
+    which only those above 1/C can hold a text: the two numbers differ). probs [N, C], labels int [N]."""
     low = 1 / probs.shape[1]  # the max of C probabilities is never below 1/C
     confidence, correct = probs.max(1), probs.argmax(1) == labels
     bins = np.clip(np.ceil((confidence - low) / (1 - low) * BINS).astype(int) - 1, 0, BINS - 1)
     count = np.bincount(bins, minlength=BINS)
     with np.errstate(invalid="ignore"):  # empty bins: 0 / 0 = NaN, drawn as nothing
-        return {"edges": np.linspace(low, 1, BINS + 1), "count": count,
-                "ece": ece(probs, labels), "ece_bins": ECE_BINS,
-                "accuracy": np.bincount(bins, correct, BINS) / count,
-                "confidence": np.bincount(bins, confidence, BINS) / count}
+        accuracy, mean = np.bincount(bins, correct, BINS) / count, np.bincount(bins, confidence, BINS) / count
+    return {"edges": np.linspace(low, 1, BINS + 1), "count": count, "accuracy": accuracy, "confidence": mean,
+            "ece": float(np.nansum(count / count.sum() * np.abs(accuracy - mean)))}
 
 
 def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dict:
     """Series name -> sorted [(labels, accuracy, 95% low, 95% high)]: classify.py JSONs with a
     known n_labeled (our model; ", no unlabeled texts" when n_unlabeled is 0; ", from a base" when
-    its --init was a checkpoint folder), and each model of the
+    its --init was a checkpoint folder; an ensemble's JSON gives three series: the ensemble, its MDLM
+    and its NB-LR, each alone on the same texts), and each model of the
     baselines.py JSONs (the mean accuracy over the JSONs of one size, the Wilson interval of that
     mean over one test set)."""
     from calibration import wilson_interval
@@ -159,6 +159,15 @@ def learning_points(classify_docs: list[dict], baseline_docs: list[dict]) -> dic
         name = kind + {True: " + unlabeled texts", False: ", no unlabeled texts", None: ""}[unlabeled]
         if doc.get("init") not in (None, "scratch", "hf", "auto"):  # fine-tuned from a local checkpoint: a base
             name = kind + ", from a base of p(text)"  # the base read the unlabeled texts, whatever the fine-tune did
+        if doc.get("readout") == "ensemble":  # one run, three classifiers: the ensemble and each component alone
+            series.setdefault(name + " + NB-LR (ensemble)", []).append((doc["n_labeled"], doc["accuracy"],
+                                                                         *doc["accuracy_ci95"]))
+            for component, label in (("mdlm", name), ("ngram", "NB-LR (the ensemble's component)")):
+                c = doc["components"][component]
+                series.setdefault(label, []).append((doc["n_labeled"], c["accuracy"], *c["accuracy_ci95"]))
+            continue
+        if doc.get("readout") == "ngram":
+            name = "NB-LR (the ensemble's component)"
         series.setdefault(name, []).append((doc["n_labeled"], doc["accuracy"], *doc["accuracy_ci95"]))
     runs = {}
     for doc in baseline_docs:
@@ -260,7 +269,7 @@ def reliability_figure(plt, doc: dict, name: str, path: str):
     top.plot([edges[0], 1], [edges[0], 1], "k--", lw=1, label="perfect calibration")
     top.set(ylabel="accuracy", ylim=(0, 1), xlim=(edges[0], 1),
             title=f"{name}: reliability of the posteriors (T = {doc.get('temperature', 1):.4g})\n"
-                  f"{len(labels)} labeled texts, ECE {r['ece']:.4f} ({r['ece_bins']} bins of (0, 1])")
+                  f"{len(labels)} labeled texts, ECE {r['ece']:.4f} (the {BINS} bins of [{edges[0]:.3g}, 1] below)")
     top.legend(loc="lower right")  # over the bars' feet, which carry no information
     bottom.bar(edges[:-1], r["count"], width, align="edge", edgecolor="k", color="0.6")
     for x, count in zip(edges[:-1] + width / 2, r["count"]):  # the numbers too: a bin of a few texts is a sliver
@@ -294,7 +303,7 @@ def attempt(path: str, action):
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, variance.py --curve JSONs, classify.py JSONs, eval.py JSONs, baselines.py JSONs")
-    p.add_argument("--out", default=".", help="folder for the PNGs (default: the current directory)")
+    p.add_argument("--out", help="folder for the PNGs (default: the folder that holds the first PATH)")
     args = p.parse_args(argv)
     plt = pyplot()
     inputs = [(path, *attempt(path, partial(read_input, path))) for path in args.paths]
@@ -322,10 +331,11 @@ def main(argv=None):
         figures.append(("learning_curve.png", "the learning curve's inputs", partial(learning_figure, plt, series)))
     if len({name for name, _, _ in figures}) < len(figures):
         sys.exit("error: two inputs of one kind have the same file name stem: their PNGs would overwrite each other")
-    attempt(args.out, partial(Path(args.out).mkdir, parents=True, exist_ok=True))
+    out = Path(args.out) if args.out else Path(args.paths[0]).resolve().parent  # beside the inputs, not in the cwd
+    attempt(str(out), partial(out.mkdir, parents=True, exist_ok=True))
     for name, path, draw in figures:
         fig = attempt(path, draw)
-        attempt(path, partial(save, fig, Path(args.out, name)))
+        attempt(path, partial(save, fig, out / name))
         plt.close(fig)
 
 

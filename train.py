@@ -85,6 +85,7 @@ from cli import ArgumentParser, fail, init_distributed, progress, run_cli
 from convert_hf import (CONFIG, DEFAULT_REPO, CheckpointError, atomic_write, load_hf, read_config, resolve,
                         save_checkpoint)
 from model import DiT, DiTConfig, PRESETS, PrecisionError, max_adaptive_head, set_runtime
+from nblr import NBLR
 from ngram import CountsLM
 
 FINETUNE_LR, SCRATCH_LR = 2e-5, 3e-4  # 2e-5: the public mdlm-owt fine-tune; 3e-4: MDLM pre-training (small)
@@ -368,6 +369,31 @@ def training_texts(args, reviews: list[data.Review], cls: int | None,
         unsup = data.load_dataset(args.data, "unsup", args.text_field, args.label_field)[0] if unsup is None else unsup
         train = train + dropped + unsup
     return train, val
+
+
+def ngram_texts(args, reviews: list[data.Review]) -> list[data.Review]:
+    """The labeled texts the n-gram component (nblr.py) is fitted on: every class's texts that a joint
+    model with these flags trains on (the train part of data.train_val_split, cut to --labeled-limit's
+    draw with --seed), also for a class model, whose copy must match its siblings'; never a val or test text."""
+    train = data.train_val_split(reviews)[0]
+    if args.labeled_limit:
+        train = data.labeled_limit(train, args.labeled_limit, args.seed)[0]
+    return [r for r in train if r.label != data.UNLABELED]
+
+
+def fit_ngram(args, reviews: list[data.Review], classes: list[str], val: list[data.Review]) -> None:
+    """Fit NB-LR (nblr.NBLR) on ngram_texts and save it in --out beside the MDLM; a --resume that
+    finds it there keeps it. Prints its size, time and accuracy on the held-out val texts."""
+    if args.resume and NBLR.load(args.out, classes) is not None:
+        return
+    texts = ngram_texts(args, reviews)
+    start = time.perf_counter()
+    ngram = NBLR.fit([r.text for r in texts], [r.label for r in texts], classes)
+    seconds = time.perf_counter() - start
+    ngram.save(args.out)
+    accuracy = np.mean(ngram.log_proba([r.text for r in val]).argmax(1) == [r.label for r in val])
+    print(f"n-gram component: NB-LR on {len(texts)} labeled texts, {len(ngram.vocabulary)} word uni+bigrams, "
+          f"{seconds:.0f} s; val accuracy {accuracy:.4f} on {len(val)} held-out texts (saved in {args.out})")
 
 
 def frequency_rank(tokens: list[list[int]], n_tokens: int) -> torch.Tensor:
@@ -772,6 +798,8 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} "
               "(trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
+        if not base and len(set(r.label for r in ngram_texts(args, reviews))) >= 2:  # labels to fit it on
+            fit_ngram(args, reviews, classes, val)
     # a NELBO at the unigram's cross-entropy means a model that reads no context (ngram.py)
     counts = CountsLM.fit(tokens)
     reference = {"val_unigram_nats": counts.unigram_nll(val_tokens), "val_bigram_nats": counts.bigram_nll(val_tokens)}

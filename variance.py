@@ -11,10 +11,11 @@ text and class) for fixed K in --ks, and for sequential scoring (scoring.score_s
 of K up to a maximum, stopping a text once its margin exceeds z standard errors) in --sequential.
 
 Texts: a balanced, seeded subset of the held-out validation texts of the training data (the 5% of
-each class train.py never trains on). For each K, `--replicates` independent K-draw estimates of
-each text (seeds 0, 1, ...) give the variance of that text's difference; the table reports the root
-of its mean over texts (nats), and that root divided by the mean |difference| (the noise-to-signal
-ratio: above ~0.5, the sign of the difference, i.e. the decision, is often a coin flip).
+each class train.py never trains on; without --data, the data the first checkpoint was trained on).
+For each K, `--replicates` independent K-draw estimates of each text (seeds 0, 1, ...) give the
+variance of that text's difference; the table reports the root of its mean over texts (nats), and
+that root divided by the mean |difference| (the noise-to-signal ratio: above ~0.5, the sign of the
+difference, i.e. the decision, is often a coin flip).
 """
 import json
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 
 import classify
 import data
-from cli import ArgumentParser, run_cli
+from cli import ArgumentParser, checkpoint_data, run_cli
 from convert_hf import CheckpointError, atomic_write
 import scoring
 
@@ -35,7 +36,7 @@ def run(argv=None):
     p.add_argument("--ckpt", action="append", default=[], help="one conditional checkpoint, or one per class in class order")
     p.add_argument("--ckpt0", help="checkpoint of class 0 (then --ckpt1)")
     p.add_argument("--ckpt1", help="checkpoint of class 1")
-    data.add_data_args(p)
+    data.add_data_args(p, from_checkpoint=True)
     p.add_argument("--limit", type=data.positive(), default=32, help="held-out texts (balanced over classes; default 32)")
     p.add_argument("--ks", default="1,2,4,8,16", help="draw counts K to measure (default 1,2,4,8,16)")
     p.add_argument("--replicates", type=data.positive(), default=2, help="independent K-draw estimates per text (default 2)")
@@ -65,6 +66,7 @@ def run(argv=None):
         p.error(f"argument --sequential: expected K:MAX pairs with MAX a multiple of K, got {args.sequential!r}")
     try:
         clf = classify.DiffusionClassifier.from_checkpoints(args.ckpt, batch_size=args.batch_size, readout="nelbo")
+        checkpoint_data(args, args.ckpt)
         reviews, names = data.load_dataset(args.data, "train", args.text_field, args.label_field)
         val = data.balanced_subset(data.train_val_split(reviews)[1], args.limit)
     except (CheckpointError, data.DataError) as e:

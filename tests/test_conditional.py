@@ -113,7 +113,8 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--calibrate")
     assert result.returncode == 0, result.stderr
     fits = json.loads((ckpt / "calibration.json").read_text())
-    assert set(fits) == {"time", "posterior"} and fits["time"] == saved
+    # beside them, each readout's fits of the n-gram model and the ensemble (test_ensemble.py)
+    assert set(fits) == {"time", "posterior", "ngram", "ensemble+time", "ensemble+posterior"} and fits["time"] == saved
     out = tmp_path / "r.json"
     result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--mc-samples", "4", "--json", out, "--readout", "nelbo")
     assert result.returncode == 0, result.stderr
@@ -124,7 +125,7 @@ def test_classify_cli_with_one_conditional_checkpoint_calibrates_and_reports(toy
     shutil.copytree(ckpt, copy)
     result = run_script("classify.py", "--ckpt", copy, "--data", jsonl, "--mc-samples", "4", "--readout", "nelbo")
     assert result.returncode == 0 and f"T = {saved['temperature']:.4g} from {copy / 'calibration.json'}" in result.stdout, result.stdout
-    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--json", tmp_path / "p.json")
+    result = run_script("classify.py", "--ckpt", ckpt, "--data", jsonl, "--json", tmp_path / "p.json", "--readout", "posterior")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "p.json").read_text())["temperature"] == fits["posterior"]["temperature"]
     assert set(summary["calibration"]) == {"uncalibrated", "calibrated"}

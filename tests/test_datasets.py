@@ -136,9 +136,11 @@ def test_three_languages_are_learned_from_a_jsonl_file(toy, capsys):
     config = json.loads((root / "colors" / "config.json").read_text())
     assert config["classes"] == NAMES and config["class_name"] == "colors" and config["class_index"] == 1
     out = root / "result.json"
-    classify.main([*(a for c in ckpts for a in ("--ckpt", c)), "--data", str(jsonl), "--mc-samples", "2", "--json", str(out)])
+    classify.main([*(a for c in ckpts for a in ("--ckpt", c)), "--data", str(jsonl), "--mc-samples", "2", "--json", str(out),
+                   "--readout", "nelbo"])  # the MDLMs alone: NB-LR beside them would pass the accuracy bar by itself
     summary = json.loads(out.read_text())
     assert summary["classes"] == NAMES and summary["n_texts"] == 15 and summary["split"] == "test"
+    assert summary["readout"] == "nelbo" and "components" not in summary
     assert [sum(row) for row in summary["confusion_matrix"]] == [5, 5, 5]
     assert summary["accuracy"] >= 0.7  # chance: 1/3 (11 of 15: P < 1e-3); measured 0.87-1.0 over training seeds 0-7
     assert "animals" in capsys.readouterr().out
@@ -159,8 +161,9 @@ def test_novelty_of_class_models_is_the_mixture_bound_over_classes(toy):
 
 def test_python_api_predicts_names_deterministically(toy):
     _, _, ckpts = toy
-    clf = DiffusionClassifier.from_checkpoints(ckpts, device="cpu", mc_samples=2)
-    assert clf.classes == NAMES
+    # the MDLMs alone (Bayes rule over their NELBOs), not the ensemble with NB-LR their folders also hold
+    clf = DiffusionClassifier.from_checkpoints(ckpts, device="cpu", mc_samples=2, readout="nelbo")
+    assert clf.classes == NAMES and clf.combine == "mdlm"
     rows = make_languages(4, seed=1)  # texts no model has seen
     texts = [row["text"] for row in rows]
     predicted = clf.predict(texts)
@@ -187,9 +190,10 @@ def test_separate_test_csv_with_renamed_columns_and_a_long_text(toy, tmp_path):
     path = write_csv(tmp_path / "test.csv", rows, ("sentence", "lang"))
     out = tmp_path / "result.json"
     classify.main([*(a for c in ckpts for a in ("--ckpt", c)), "--test-data", str(path), "--text-field", "sentence",
-                   "--label-field", "lang", "--mc-samples", "2", "--json", str(out)])
+                   "--label-field", "lang", "--mc-samples", "2", "--json", str(out), "--readout", "nelbo"])  # the MDLMs alone
     summary = json.loads(out.read_text())
     assert summary["data"] == str(path) and summary["n_texts"] == 7 and summary["windowed_texts"] == 1
+    assert summary["readout"] == "nelbo"
     assert sorted({t["label"] for t in summary["texts"]}) == ["colors", "numbers"]  # mapped by name onto the checkpoints' classes
     assert [t["id"] for t in summary["texts"]] == list(range(7)) and summary["texts"][-1]["text"] == rows[-1]["text"]
     assert summary["accuracy"] >= 0.8  # measured 1.0 over training seeds 0-7

@@ -55,7 +55,7 @@ def test_two_processes_follow_the_one_process_trajectory(tree, tmp_path, model):
     sa, sb = (load_file(tmp_path / run / "train_state.safetensors") for run in ("one", "two"))
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOLERANCE
     if model == "all":  # the posterior readout gathers its windows' results from both processes
-        args = ["--ckpt", tmp_path / "one", "--data", tree, "--limit", 8, "--batch-size", 2]
+        args = ["--ckpt", tmp_path / "one", "--data", tree, "--limit", 8, "--batch-size", 2, "--readout", "posterior"]
         single = run_script("classify.py", *args, "--json", tmp_path / "p1.json", env=CPU)
         double = torchrun("classify.py", *args, "--json", tmp_path / "p2.json")
         assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr

@@ -200,3 +200,22 @@ def test_eval_cli_by_t_beside_the_counts_models(workdir, tmp_path):
     assert doc["reference"]["unigram"] == pytest.approx(unigram)
     assert doc["reference"]["bigram"] < unigram  # the same texts: their bigrams were all seen
     assert "unigram" in res.stdout and "bits/token" in res.stdout
+
+
+def test_by_t_says_n_a_where_a_masking_rate_masked_no_token(workdir, tmp_path):
+    """Two one-token texts: at t = 0.05 seed 0's draws mask neither, and there is no cross-entropy to
+    report there: n/a in the table and null in the JSON, not 0."""
+    root, _ = workdir
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "great", "label": "pos"}\n{"text": "bad", "label": "neg"}\n', encoding="utf-8")
+    assert [len(gpt2_ids(t)) for t in ("great", "bad")] == [1, 1]
+    out = tmp_path / "by_t.json"
+    res = run_cli("--ckpt", root / "uniform", "--test-data", short, "--data", root / "aclImdb", "--mc-samples", 1,
+                  "--by-t", "--json", out)
+    assert res.returncode == 0, res.stderr
+    rows = {r["t"]: r for r in json.loads(out.read_text())["by_t"]}
+    assert rows[0.05]["masked_tokens"] == 0 and rows[0.05]["nats_per_masked_token"] is None
+    assert rows[0.99]["masked_tokens"] == 2
+    assert rows[0.99]["nats_per_masked_token"] == pytest.approx(math.log(GPT2), abs=1e-4)  # a zero head: log V
+    table = {line.split()[0]: line.split()[1:] for line in res.stdout.splitlines() if line.strip()}
+    assert table["0.05"] == ["n/a"] and table["0.99"] == [f"{math.log(GPT2):.4f}"]

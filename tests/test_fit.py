@@ -27,15 +27,21 @@ def fitted(tmp_path_factory):
 
 def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     clf, out = fitted
-    assert clf.classes_ == sorted(LANGUAGES) and clf.readout == "posterior"
+    assert clf.classes_ == sorted(LANGUAGES) and clf.readout == "posterior" and clf.combine == "ensemble"
     rows = make_languages(10, seed=7)  # new texts
     texts = [r["text"] for r in rows]
-    # chance: 1/3; measured 0.93-1.0 over fit's seeds 0-7 (the bar: 24 of 30, P < 1e-7 at chance)
-    assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.8
+    # the MDLM alone (the ensemble's first component): chance 1/3; measured 0.93-1.0 over fit's seeds 0-7
+    # (the bar: 24 of 30, P < 1e-7 at chance)
+    mdlm = clf.components(clf.class_scores_encoded(classify.data.encode(texts)), texts)[:, 0]
+    labels = [clf.classes_.index(r["label"]) for r in rows]
+    assert np.mean(mdlm.argmax(1) == labels) >= 0.8
+    assert np.mean([p == r["label"] for p, r in zip(clf.predict(texts), rows)]) >= 0.8  # the ensemble
     config = json.loads((out / "config.json").read_text())
     assert config["n_unlabeled"] == 15 and config["train_args"]["unlabeled"] is True and config["step"] == 40
     saved = clf.save(tmp_path / "mine")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no train state
+    # no train state; the n-gram component beside the MDLM
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "ngram.json",
+                                                       "ngram.safetensors"]
     again = DiffusionClassifier.from_checkpoints(str(saved))
     weights, copied = clf.models[0].state_dict(), again.models[0].state_dict()
     assert weights.keys() == copied.keys() and all(torch.equal(weights[k], copied[k]) for k in weights)  # bit for bit
@@ -48,7 +54,9 @@ def test_fit_learns_the_toy_languages_and_save_round_trips(fitted, tmp_path):
     classify.main(["--ckpt", str(out), "--data", str(data_file), "--calibrate"])
     calibrated = DiffusionClassifier.from_checkpoints(str(out))
     moved = DiffusionClassifier.from_checkpoints(str(calibrated.save(tmp_path / "calibrated")))
-    assert moved.temperature == calibrated.temperature != 1.0 and "calibration.json" in moved.temperature_source
+    mdlm_t = calibrated.components_["mdlm"][0]  # the MDLM's own T; the ensemble's weights carry its own scale
+    assert moved.components_["mdlm"][0] == mdlm_t != 1.0 and "calibration.json" in moved.temperature_source
+    np.testing.assert_array_equal(moved.ensemble_weights, calibrated.ensemble_weights)
     np.testing.assert_allclose(moved.predict_proba(texts), calibrated.predict_proba(texts), rtol=1e-4, atol=1e-7)
 
 

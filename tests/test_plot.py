@@ -95,14 +95,15 @@ def test_reliability_bins_and_figure(plt, labels_as_names):
     np.testing.assert_allclose(r["accuracy"][[6, 12]], [1.0, 0.5])
     np.testing.assert_allclose(r["confidence"][[6, 12]], [0.71, 0.91])
     assert np.isnan(np.delete(r["accuracy"], [6, 12])).all()
-    # ECE, calibration.py's 15 bins of (0, 1]: half the texts 0.29 under, half 0.41 over
+    # ECE over these bins: half the texts 0.29 under, half 0.41 over
     assert r["ece"] == pytest.approx(0.5 * abs(1.0 - 0.71) + 0.5 * abs(0.5 - 0.91))
 
     top, bottom = plot.reliability_figure(plt, doc, "x", "x.json").axes
     heights = np.array([bar.get_height() for bar in top.patches])
     np.testing.assert_allclose(heights[[6, 12]], [1.0, 0.5])
     assert [bar.get_height() for bar in bottom.patches] == r["count"].tolist()
-    assert "ECE 0.3500" in top.get_title() and "20 labeled texts" in top.get_title()
+    assert "ECE 0.3500 (the 15 bins of [0.5, 1] below)" in top.get_title() and "20 labeled texts" in top.get_title()
+    assert bottom.get_xlabel() == "confidence = max posterior (15 bins of [0.5, 1])"  # the title's bins
 
 
 def test_reliability_three_classes():
@@ -114,12 +115,13 @@ def test_reliability_three_classes():
     assert r["ece"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.95)
 
 
-def test_ece_uses_calibrations_bins():
-    """The ECE is calibration.ece's: 0.88 (right) and 0.92 (wrong) share its bin (0.8667, 0.9333], so
-    |0.5 - 0.9| = 0.4; over the diagram's narrower bins it would be 0.5 * 0.12 + 0.5 * 0.92 = 0.52."""
+def test_ece_is_over_the_bins_drawn():
+    """The ECE is over the diagram's bins of [1/C, 1], which the title names: 0.88 (right) and 0.92
+    (wrong) fall in bins 11 and 12, so 0.5 * 0.12 + 0.5 * 0.92 = 0.52; over calibration.ece's bins of
+    (0, 1] they would share (0.8667, 0.9333], |0.5 - 0.9| = 0.4."""
     r = plot.reliability(np.array([[0.88, 0.12], [0.92, 0.08]]), np.array([0, 1]))
     assert r["count"][[11, 12]].tolist() == [1, 1]
-    assert r["ece"] == pytest.approx(0.4) and r["ece_bins"] == 15
+    assert r["ece"] == pytest.approx(0.52)
 
 
 def test_cli_writes_pngs(tmp_path, capsys, monkeypatch):
@@ -145,6 +147,17 @@ def test_cli_writes_pngs(tmp_path, capsys, monkeypatch):
     plot.main([str(tmp_path / "curve.json"), str(tmp_path / "c2.json"), "--out", str(out)])
     assert (out / "curve_accuracy_vs_draws.png").read_bytes().startswith(PNG)
     assert (out / "c2_accuracy_vs_draws.png").read_bytes().startswith(PNG)
+
+
+def test_pngs_go_beside_the_first_input_without_out(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "curve.json").write_text(json.dumps(CURVE))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the current directory (a checkout) gets nothing
+    plot.main([str(tmp_path / "runs" / "curve.json")])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "runs" / "accuracy_vs_draws.png")]
+    assert (tmp_path / "runs" / "accuracy_vs_draws.png").read_bytes().startswith(PNG)
+    assert not any((tmp_path / "elsewhere").iterdir())
 
 
 def test_png_written_atomically(tmp_path, plt, monkeypatch):
@@ -252,3 +265,11 @@ def test_by_t_figure_and_an_eval_json_without_it(tmp_path, plt):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "png" / "by_t_by_t.png").read_bytes().startswith(PNG)
     assert "plain.json: an eval.py JSON without --by-t" in result.stderr and len(list((tmp_path / "png").iterdir())) == 1
+
+
+def test_by_t_figure_leaves_a_gap_where_no_token_was_masked(plt):
+    """eval.py's null (a rate that masked no token of the texts) is no point of the line."""
+    by_t = [{"checkpoint": "a", "name": "a", "t": t, "nats_per_masked_token": v} for t, v in ((0.05, None), (0.5, 6.0))]
+    doc = {"by_t": by_t, "reference": {"unigram": 7.2, "bigram": 5.4}, "results": [{"n_texts": 2}]}
+    line = plot.by_t_figure(plt, doc, "x").axes[0].get_lines()[0]
+    assert np.isnan(line.get_ydata(orig=False)[0]) and line.get_ydata(orig=False)[1] == 6.0
