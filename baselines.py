@@ -1,12 +1,14 @@
-"""Classical baselines on IMDB: bag-of-n-grams classifiers to compare the diffusion classifier with.
+"""Classical baselines: bag-of-n-grams classifiers to compare the diffusion classifier with, on IMDB or any dataset.
 
     python baselines.py --data aclImdb_v1.tar.gz                     # all 25,000 test reviews
     python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --json baselines.json   # subset C
     python baselines.py --data aclImdb_v1.tar.gz --tokens bpe        # the same models on GPT-2 tokens
     python baselines.py --data aclImdb_v1.tar.gz --labeled-limit 500 --seed 0   # train.py --labeled-limit 500's labels
     python baselines.py --data aclImdb_v1.tar.gz --limit 1000 --novelty-data ag_news/test.jsonl   # max-probability AUROC
+    python baselines.py --data my.jsonl                              # any --data train.py reads: its test split
 
-Trained on the 25,000 train reviews, scored on the test split (or its balanced subset, --limit),
+Trained on the 25,000 train reviews (another dataset: its train split, data.load_dataset), scored on
+the test split (or its balanced subset, --limit),
 with the settings of shared/data/README.md (fixed beforehand there, never tuned on test):
 `<br />` becomes a space, text is lowercased (the vectorizers' default), tokens are words (with
 one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
@@ -16,6 +18,7 @@ one inner apostrophe: "don't") and `!` `?`, uni+bigrams.
   log-count ratio r (alpha = 1), LogisticRegression(liblinear, C=1) on x * r: the recipe of
   nblr.py, the n-gram component train.py fits beside every classifier's MDLM.
 - MNB: counts, MultinomialNB(alpha=1) (a generative classifier, like the diffusion one).
+More than two classes: each logistic regression one class against the rest (NB-LR: a ratio r per class).
 
 --tokens bpe: the same three models over the diffusion model's own tokens (GPT-2 BPE of the
 cleaned text, data.encode: `<br />` -> newline, case kept), each on unigrams and on

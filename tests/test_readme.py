@@ -107,3 +107,22 @@ def test_every_results_number_has_its_command():
                 help_text = subprocess.run([sys.executable, ROOT / script, "--help-all"], capture_output=True, text=True,
                                            env=script_env()).stdout
             assert all(f in help_text for f in flags if f.startswith("--")), command
+
+
+def test_every_flag_of_every_readme_command_exists():
+    """A flag removed or renamed in a script but still quoted in the README fails here (each script's
+    --help-all, or --help, lists its flags)."""
+    quoted = re.findall(r"python (\w+\.py)((?: +(?:--?[\w-]+|[^\s`#|&]+))*)", README)
+    helps = {}
+    for script, rest in quoted:
+        assert (ROOT / script).is_file(), script
+        if script not in helps:
+            help_text = subprocess.run([sys.executable, ROOT / script, "--help-all"], capture_output=True,
+                                       text=True, env=script_env())
+            if help_text.returncode:  # a script without advanced flags has --help alone
+                help_text = subprocess.run([sys.executable, ROOT / script, "--help"], capture_output=True,
+                                           text=True, env=script_env())
+            helps[script] = help_text.stdout
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+            assert re.search(rf"{flag}\b", helps[script]), f"README: python {script} ... {flag}: not a flag of {script}"
+    assert len(helps) >= 6
