@@ -433,8 +433,14 @@ class DiffusionClassifier:
         """class_scores of texts already encoded: N non-empty lists of GPT-2 ids -> float64 [N, C] nats."""
         return np.nanmean(self.draws(token_lists, progress), -1)
 
-    def novelty(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None,
-                draws: int = None) -> np.ndarray:
+    def novelty(self, texts: list[str], progress: bool = False, draws: int | None = None) -> np.ndarray:
+        """How unlike the training texts each of N strings is, float64 [N] nats/token (novelty_encoded:
+        the MDLM's p(text), whatever the readout). Raises TypeError for a string instead of a list,
+        DataError for a text with no tokens."""
+        return self.novelty_encoded(data.encode(check_texts(texts)), progress, draws=draws)
+
+    def novelty_encoded(self, token_lists: list[list[int]], progress: bool = False, index: np.ndarray | None = None,
+                        draws: int | None = None) -> np.ndarray:
         """How unlike the training texts each text is: an upper bound on -log p(text) per token, float64
         [N], nats/token (higher = more novel), over all of a long text's windows (score_draws).
 
@@ -631,12 +637,12 @@ def score_novelty(clf: DiffusionClassifier, other_path: str | None, tokens: list
     and its summary; with other_path (--novelty-data) also those texts' novelty and posteriors, and
     the AUROC (calibration.auroc) of telling them from the scored texts by the novelty score and by
     the usual baseline, one minus the max posterior (post: the scored texts' posteriors [N, C])."""
-    novelty = clf.novelty(tokens, progress=True, draws=args.novelty_draws)
+    novelty = clf.novelty_encoded(tokens, progress=True, draws=args.novelty_draws)
     summary = {"mean_nats_per_token": float(novelty.mean())}
     if other_path:
         texts, ids = read_texts(other_path, args.text_field)
         other_tokens = data.encode(texts)
-        other = clf.novelty(other_tokens, progress=True, draws=args.novelty_draws)
+        other = clf.novelty_encoded(other_tokens, progress=True, draws=args.novelty_draws)
         # the same classifier as the scored texts' posteriors: the ensemble's (or NB-LR's) where that is the readout
         other_mdlm = None if clf.combine == "ngram" else np.nanmean(clf.draws(other_tokens, progress=True), -1)
         other_post = posteriors(clf.combined_scores(other_mdlm, texts), clf.temperature)

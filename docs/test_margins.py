@@ -133,8 +133,8 @@ def conditional(seed: int, tmp: Path) -> str:  # test_conditional: one joint mod
         gaps += list(nelbo[:, 1] - nelbo[:, 0])
     clf = DiffusionClassifier.from_checkpoints(str(ckpt))
     words = UNSEEN.split()
-    inside = clf.novelty(data.encode([r.text for r in test]))
-    unseen = clf.novelty(data.encode([" ".join(words[i:] + words[:i]) for i in range(5)]))
+    inside = clf.novelty([r.text for r in test])
+    unseen = clf.novelty([" ".join(words[i:] + words[:i]) for i in range(5)])
     script("variance.py", "--ckpt", ckpt, "--data", jsonl, "--limit", 6, "--ks", "1,16", "--replicates", 8, "--json", tmp / "v.json")
     se = {(r["estimator"], r["k"]): r["se"] for r in json.loads((tmp / "v.json").read_text())["rows"]}
     ratios = " ".join(f"{e} {se[e, 16] / se[e, 1]:.2f}" for e in scoring.ESTIMATORS)

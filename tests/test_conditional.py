@@ -143,7 +143,7 @@ def test_novelty_is_the_nelbo_of_the_text_with_the_label_unknown(toy_conditional
     clf = DiffusionClassifier.from_checkpoints(str(ckpt))
     rows = make_languages(10, seed=7)
     tokens = data.encode([r["text"] for r in rows] + [UNSEEN])
-    novelty = clf.novelty(tokens, draws=8)
+    novelty = clf.novelty_encoded(tokens, draws=8)
     assert novelty.shape == (len(tokens),)
     assert novelty[-1] > novelty[:-1].max()  # an unseen vocabulary is more novel than every in-domain text (by 14+ nats/token, seeds 0-7)
     # the label unknown, not read from a class: with the same draws (common random numbers), a novelty

@@ -151,7 +151,7 @@ def test_novelty_of_class_models_is_the_mixture_bound_over_classes(toy):
     clf = DiffusionClassifier.from_checkpoints(ckpts, device="cpu", mc_samples=4)
     rows = make_languages(4, seed=3)
     tokens = data.encode([r["text"] for r in rows] + ["table chair lamp desk sofa shelf table lamp"])
-    novelty = clf.novelty(tokens, draws=4)
+    novelty = clf.novelty_encoded(tokens, draws=4)
     nelbo = scoring.score_draws(clf.models, tokens, 4, clf.seed, 16, "cpu").mean(-1) / np.array([len(t) for t in tokens])[:, None]
     n = np.array([len(t) for t in tokens])
     # -log sum_c exp(-NELBO_c) / C lies between the best class's NELBO and it plus log C (same draws)

@@ -270,3 +270,14 @@ def test_novelty_datas_max_posterior_is_the_readouts_own(joint, tmp_path):
     log_p = NBLR.load(root / "all", NAMES).log_proba(other.read_text().splitlines())
     expected = calibration.softmax(log_p, temperature).max(1)  # NB-LR's posterior: the readout asked for
     np.testing.assert_allclose([r["max_posterior"] for r in result["novelty"]["other"]], expected, atol=1e-5)
+
+
+def test_novelty_takes_strings_like_predict(joint):
+    root, _ = joint
+    clf = DiffusionClassifier.from_checkpoints(str(root / "all"))
+    texts = ["cat dog horse", "red green one"]
+    nats = clf.novelty(texts, draws=2)
+    assert nats.shape == (2,) and np.all(nats > 0)
+    np.testing.assert_array_equal(nats, clf.novelty_encoded(data.encode(texts), draws=2))
+    with pytest.raises(TypeError, match="list of strings"):
+        clf.novelty("cat dog horse")
