@@ -151,12 +151,8 @@ def auroc(inside: np.ndarray, other: np.ndarray) -> float:
 
 # ---- calibration.json: the fits of a checkpoint, one per scoring key --------------------------
 def scoring_key(readout: str, estimator: str) -> str:
-    """What a calibration.json's fit was made on: "posterior", or the NELBO estimator's name (the MDLM
-    alone); "ngram" (the NB-LR alone); "ensemble+" and the MDLM's key (the two combined)."""
-    if readout == "ngram":
-        return "ngram"
-    if readout.startswith("ensemble+"):
-        return readout
+    """The MDLM's key in calibration.json: "posterior", or the NELBO estimator's name (NB-LR's fit is
+    "ngram", the ensemble's ensemble_key of the MDLM's)."""
     return "posterior" if readout == "posterior" else estimator
 
 
@@ -170,11 +166,13 @@ def calibration_key(paths: list[str], ngram: bool = False) -> list[str]:
     class order, and (ngram) of the first folder's ngram.safetensors. The weights, not the folder: a
     folder copied, moved or mounted elsewhere keeps its fit, and retrained weights in the same folder lose it."""
     files = [Path(p, WEIGHTS) for p in paths] + ([Path(paths[0], NGRAM_WEIGHTS)] if ngram else [])
-    key = []
-    for path in files:
-        with open(path, "rb") as f:
-            key.append(hashlib.file_digest(f, "sha256").hexdigest())
-    return key
+    return [file_digest(path) for path in files]
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_calibrations(path: Path) -> dict:

@@ -80,8 +80,6 @@ SLICE_BATCHES = 32  # forward passes per process between two chances for Ctrl-C 
 
 
 READOUTS = ("posterior", "nelbo")  # the MDLM's: the one-pass label-slot posterior (joint checkpoints), Bayes rule over NELBOs
-# what a classifier's scores are made of: the ensemble of the MDLM and the n-gram model (nblr.py), or either alone
-COMBINES = ("ensemble", "mdlm", "ngram")
 
 
 def posteriors(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -145,10 +143,10 @@ def load_ngram(paths: list[str], classes: list[str]) -> NBLR | None:
     labels: they must be the same file. Raises CheckpointError for an unreadable one (NBLR.load),
     or copies that differ or are missing from some of the folders."""
     ngram = NBLR.load(paths[0], classes)
-    digests = {p: calibration.calibration_key([p], ngram=True)[-1] if Path(p, NGRAM_WEIGHTS).is_file() else None
-               for p in paths}
+    digest = lambda p: calibration.file_digest(Path(p, NGRAM_WEIGHTS)) if Path(p, NGRAM_WEIGHTS).is_file() else None
+    first = digest(paths[0]) if len(paths) > 1 else None  # one folder: nothing to compare
     for p in paths[1:]:
-        if digests[p] != digests[paths[0]]:
+        if digest(p) != first:
             raise CheckpointError(f"{p}: its n-gram model ({NGRAM_WEIGHTS}) is not {paths[0]}'s; class models of one "
                                   "classifier are trained on one label set (the same --labeled-limit and --seed)")
     return ngram

@@ -383,10 +383,11 @@ def ngram_texts(args, reviews: list[data.Review]) -> list[data.Review]:
 
 def fit_ngram(args, reviews: list[data.Review], classes: list[str], val: list[data.Review]) -> None:
     """Fit NB-LR (nblr.NBLR) on ngram_texts and save it in --out beside the MDLM; a --resume that
-    finds it there keeps it. Prints its size, time and accuracy on the held-out val texts."""
-    if args.resume and NBLR.load(args.out, classes) is not None:
-        return
+    finds it there keeps it; labels of fewer than two classes fit none. Prints its size, time and
+    accuracy on the held-out val texts."""
     texts = ngram_texts(args, reviews)
+    if len({r.label for r in texts}) < 2 or args.resume and NBLR.load(args.out, classes) is not None:
+        return  # no two classes to tell apart, or --resume keeps the one it finds
     start = time.perf_counter()
     ngram = NBLR.fit([r.text for r in texts], [r.label for r in texts], classes)
     seconds = time.perf_counter() - start
@@ -798,7 +799,7 @@ def set_up(args, texts: tuple[list, list, list] | None = None) -> Run:
               f"{sum(len(ids) for ids in tokens)} tokens, {n_long} texts longer than {max_len} "
               "(trained on random windows); "
               f"{n_params / 1e6:.1f}M parameters on {device} x {world}; lr {args.lr}")
-        if not base and len(set(r.label for r in ngram_texts(args, reviews))) >= 2:  # labels to fit it on
+        if not base:  # a base reads no label
             fit_ngram(args, reviews, classes, val)
     # a NELBO at the unigram's cross-entropy means a model that reads no context (ngram.py)
     counts = CountsLM.fit(tokens)
